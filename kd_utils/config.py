@@ -1,0 +1,269 @@
+"""Typed, validated study parameters: the one place a params YAML is read and checked.
+
+The same models drive the grid runner, the notebooks (whose `parameters` cells receive
+these sections as plain dicts) and the tests. Every error names the file and the key and,
+for a typo, suggests the closest valid key, before any compute starts.
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .methods import METHODS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldConfig(Strict):
+    """The procedural micro world (tasks, corpus, tokenizer)."""
+
+    n_train: int = Field(2000, gt=0, description="training items per task")
+    n_test: int = Field(200, gt=0, description="test items per task")
+    corpus_lines: int = Field(60000, gt=0, description="lines of generic pretraining text")
+    vocab_size: int = Field(1024, ge=300)
+    seed: int = 0
+
+
+class ModelSpec(Strict):
+    """A model: a micro size built by the project, or a hub id / local path."""
+
+    micro: str | None = None
+    path: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.micro is None) == (self.path is None):
+            raise ValueError("give exactly one of 'micro' (a micro size) or 'path' (hub id or local directory)")
+        if self.micro is not None:
+            from .models import MICRO_SIZES
+            if self.micro not in MICRO_SIZES:
+                raise ValueError(f"unknown micro size {self.micro!r}; known: {sorted(MICRO_SIZES)}")
+        return self
+
+
+class PretrainConfig(Strict):
+    """Pretraining of micro models on the generic corpus (steps per model name)."""
+
+    steps: dict[str, int] = Field(default_factory=dict)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    block: int = Field(64, gt=8)
+    warmup_steps: int = Field(50, ge=0)
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+class TrainingConfig(Strict):
+    """Optimisation shared by SFT and KD runs. `steps` is an int or a per-model dict."""
+
+    train_tasks: str | list[str] = "micro"
+    train_data: str | None = Field(None, description="an LLM-Adapters JSON file (Math10K...) instead of tasks")
+    steps: int | dict[str, int] | None = None
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(100, gt=0)
+    n_val: int = Field(500, gt=0)
+    max_length: int = Field(256, gt=8)
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainingConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'steps' or 'epochs'")
+        return self
+
+
+class KDConfig(Strict):
+    """The KD axes of the grid and the options of every KD method."""
+
+    methods: list[str] = ["fkl", "rkl", "gkd"]
+    temperatures: list[float] = [1.0, 2.0]
+    noise: list[float] = [0.0]
+    teacher_kinds: list[Literal["sft", "base"]] = ["sft"]
+    ce_weight: float = Field(0.0, ge=0, le=1)
+    beta: float = Field(0.5, ge=0, le=1)
+    alpha: float = Field(0.1, ge=0, le=1)
+    lmbda: float = Field(0.5, ge=0, le=1)
+    teacher_cache: bool = True
+    cache_k: int = Field(16, gt=0)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if m not in METHODS or m == "sft":
+                close = difflib.get_close_matches(m, METHODS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown KD method {m!r}{hint}; known: {', '.join(x for x in METHODS if x != 'sft')}")
+        return v
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temps(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v):
+            raise ValueError(f"temperatures must be positive: {v}")
+        return v
+
+
+class EvalConfig(Strict):
+    tasks: str | list[str] = "micro"
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(64, gt=0)
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    sample_seeds: list[int] = [0]
+    max_new_tokens: dict[str, int] = {"math": 48, "commonsense": 8, "instruction": 128}
+    scorer: Literal["generate", "loglik"] = "generate"
+    data_root: str | None = None
+
+
+class StatsConfig(Strict):
+    tau: Literal["max", "mean"] | float = "max"
+
+
+class Ablation(Strict):
+    """An extra sub-grid: overrides some KD axes (and optionally the pairs)."""
+
+    name: str
+    methods: list[str] | None = None
+    temperatures: list[float] | None = None
+    noise: list[float] | None = None
+    teacher_kinds: list[Literal["sft", "base"]] | None = None
+    pairs: list[tuple[str, str]] | None = None  # (teacher, student)
+
+
+class StudyConfig(Strict):
+    """A whole study: models, pairs, axes, and the settings of every stage."""
+
+    study: str
+    seeds: list[int] = [0]
+    world: WorldConfig | None = None
+    models: dict[str, ModelSpec]
+    teachers: list[str]
+    students: list[str]
+    pairs: list[tuple[str, str]] | None = None
+    pretrain: PretrainConfig = PretrainConfig()
+    training: TrainingConfig
+    kd: KDConfig = KDConfig()
+    evaluation: EvalConfig = EvalConfig()
+    stats: StatsConfig = StatsConfig()
+    ablations: list[Ablation] = []
+    resources: dict[str, dict[str, Any]] = {}
+    executor: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _references(self) -> "StudyConfig":
+        known = set(self.models)
+        for key in ("teachers", "students"):
+            for name in getattr(self, key):
+                if name not in known:
+                    raise ValueError(f"{key}: {name!r} is not in models{_suggest(name, known)}")
+        for pair in list(self.pairs or []) + [p for a in self.ablations for p in a.pairs or []]:
+            for name in pair:
+                if name not in known:
+                    raise ValueError(f"pairs: {name!r} is not in models{_suggest(name, known)}")
+        if any(m.micro for m in self.models.values()) and self.world is None:
+            raise ValueError("micro models need a 'world' section (the micro tasks, corpus and tokenizer)")
+        for name in self.pretrain.steps:
+            if name not in known:
+                raise ValueError(f"pretrain.steps: {name!r} is not in models{_suggest(name, known)}")
+        return self
+
+    def kd_pairs(self) -> list[tuple[str, str]]:
+        """(teacher, student) pairs: explicit, else every teacher with every other student."""
+        return [tuple(p) for p in self.pairs] if self.pairs else [
+            (t, s) for t in self.teachers for s in self.students if s != t]
+
+    def steps_for(self, model: str) -> int | None:
+        steps = self.training.steps
+        if isinstance(steps, dict):
+            if model not in steps:
+                raise ValueError(f"training.steps has no entry for model {model!r}")
+            return steps[model]
+        return steps
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the (sub)model at a validation-error location."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        for c in candidates:
+            for a in getattr(c, "__args__", ()):
+                if isinstance(a, type) and issubclass(a, BaseModel):
+                    nested.append(a)
+        current = nested[0] if nested else None
+    return list(getattr(current, "model_fields", {})) if current is not None else []
+
+
+def format_errors(err: ValidationError, source: str, model: type[BaseModel] = StudyConfig) -> str:
+    lines = [f"invalid params in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest(e["loc"][-1], _fields_at(model, e["loc"]))
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_study(path: str | Path, overrides: dict | None = None) -> StudyConfig:
+    """Read and validate a params YAML; warn when a student is not smaller than its teacher."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of keys")
+    raw = {**raw, **(overrides or {})}
+    try:
+        cfg = StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(format_errors(err, str(path))) from None
+    _warn_sizes(cfg, path)
+    return cfg
+
+
+def _warn_sizes(cfg: StudyConfig, path: Path) -> None:
+    from .models import MICRO_SIZES
+    order = list(MICRO_SIZES)
+    for t, s in cfg.kd_pairs():
+        mt, ms = cfg.models[t].micro, cfg.models[s].micro
+        if mt and ms and order.index(ms) >= order.index(mt):
+            warnings.warn(f"{path}: student {s!r} is not smaller than its teacher {t!r}", stacklevel=3)

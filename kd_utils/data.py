@@ -1,0 +1,91 @@
+"""Training data: tokenised (prompt, response) examples, packed corpora, batches.
+
+An example keeps its prompt and response ids apart, so on-policy methods can replace the
+response with a student sample and SeqKD with a teacher generation. Labels are -100 on
+the prompt: losses are computed on response tokens only, as the paper's authors did.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]  # ends with eos
+    index: int  # position in its dataset: the key of the teacher cache
+
+
+def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> list[Example]:
+    """Tokenise (prompt, response) pairs; the response gets eos; too-long pairs are truncated
+    from the end of the response (the prompt is kept whole)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos token")
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    out = []
+    for i, (p, r) in enumerate(zip(p_ids, r_ids)):
+        if len(p) >= max_length:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, not below max_length={max_length}")
+        r = (list(r) + [eos])[: max_length - len(p)]
+        out.append(Example(tuple(p), tuple(r), i))
+    return out
+
+
+def pack_corpus(tokenizer, texts: Sequence[str], block: int) -> torch.Tensor:
+    """Concatenate texts (eos-separated) and cut them into [n_blocks, block] token ids."""
+    ids: list[int] = []
+    for t in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend(t)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // block
+    if n == 0:
+        raise ValueError(f"corpus has {len(ids)} tokens, fewer than one block of {block}")
+    return torch.tensor(ids[: n * block]).view(n, block)
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding), index."""
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        seq = e.prompt_ids + e.response_ids
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, len(e.prompt_ids): len(seq)] = torch.tensor(e.response_ids)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "index": torch.tensor([e.index for e in examples])}
+
+
+def collate_blocks(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch of packed corpus blocks: every token is a target."""
+    return {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks.clone()}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[list[int]]:
+    """Shuffled index batches for one epoch (deterministic from seed and epoch)."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    for i in range(0, n, batch_size):
+        yield order[i: i + batch_size]
+
+
+def split_validation(examples: list[Example], n_val: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `n_val` examples for validation (the paper holds out 500)."""
+    if not 0 < n_val < len(examples):
+        raise ValueError(f"validation size {n_val} must be between 1 and {len(examples) - 1}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]

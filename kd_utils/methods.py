@@ -1,0 +1,144 @@
+"""Distillation recipes as objectives for the training loop.
+
+Methods, chosen by name in params:
+- `sft`: cross-entropy on the gold outputs.
+- word-level KD with any objective of `kd_utils.losses` on the gold sequences (`fkl` is
+  what the paper's authors ran as "SeqKD", `rkl` what they ran as "RevKD").
+- `seqkd`: the paper's text definition, cross-entropy on teacher-generated outputs (the
+  generations are made once per teacher and dataset: see `kd_utils.teacher_cache`).
+- `gkd`: with probability lambda a batch's responses are replaced by student samples
+  (on-policy), loss gjsd with beta at temperature tau (Agarwal et al., 2024).
+Options of every KD method: temperature, a cross-entropy mixing weight (0 as the paper),
+Gaussian noise on the teacher logits, and any teacher.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, Example, collate
+from .losses import OBJECTIVES, add_logit_noise, kd_loss
+from .training import Batch, Objective
+
+WORD_LEVEL = tuple(OBJECTIVES)
+METHODS = ("sft", "seqkd", "gkd") + WORD_LEVEL
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """How the teacher signal is turned into a loss."""
+
+    method: str
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    ce_weight: float = 0.0
+    noise: float = 0.0
+    lmbda: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 <= self.ce_weight <= 1 or not 0 <= self.lmbda <= 1 or not 0 <= self.beta <= 1:
+            raise ValueError("ce_weight, lmbda and beta must lie in [0, 1]")
+        if self.noise < 0:
+            raise ValueError(f"noise sigma must be >= 0, got {self.noise}")
+
+    @property
+    def objective(self) -> str:
+        """The divergence used by a KD method (gkd: gjsd)."""
+        return "gjsd" if self.method == "gkd" else self.method
+
+    @property
+    def uses_teacher_logits(self) -> bool:
+        return self.method not in ("sft", "seqkd")
+
+
+class LiveTeacher:
+    """A frozen teacher run forward on every batch; logits sliced to the shared vocabulary
+    and, for the noise ablation, perturbed by z + N(0, sigma^2)."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, noise: float = 0.0, seed: int = 0):
+        self.model = model.eval().requires_grad_(False)
+        self.vocab_size = vocab_size
+        self.noise = noise
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        self.forward_passes = 0
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        self.forward_passes += 1
+        return add_logit_noise(out[..., : self.vocab_size].float(), self.noise, self.generator)
+
+    def kd_sum(self, student_logits: torch.Tensor, batch: Batch, mask: torch.Tensor, s: KDSettings) -> torch.Tensor:
+        teacher_logits = self.logits(batch)[:, :-1]
+        return kd_loss(student_logits, teacher_logits, mask=mask, objective=s.objective,
+                       temperature=s.temperature, beta=s.beta, alpha=s.alpha, reduction="sum")
+
+
+def kd_objective(teacher, settings: KDSettings, vocab_size: int) -> Objective:
+    """Word-level KD on the batch's target positions; `teacher` is a LiveTeacher or a
+    cached teacher signal (anything with `kd_sum`)."""
+    def objective(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        student = logits[:, :-1, :vocab_size]
+        loss = teacher.kd_sum(student, batch, mask, settings)
+        if settings.ce_weight:
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                                 reduction="sum")
+            loss = (1 - settings.ce_weight) * loss + settings.ce_weight * ce
+        return loss, int(mask.sum())
+    return objective
+
+
+class OnPolicySampler:
+    """GKD's on-policy step: with probability lmbda, replace a batch's responses by samples
+    of the current student (temperature 1, from the same prompts)."""
+
+    def __init__(self, lmbda: float, max_new_tokens: int, pad_id: int, eos_id: int, seed: int = 0):
+        self.lmbda, self.max_new_tokens = lmbda, max_new_tokens
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.rng = random.Random(seed)
+        self.generator_seed = seed
+        self.on_policy_batches = 0
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> Batch:
+        if self.rng.random() >= self.lmbda:
+            return batch
+        self.on_policy_batches += 1
+        prompts = []
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            start = int((labels != IGNORE).nonzero()[0]) if (labels != IGNORE).any() else int(mask.sum())
+            prompts.append(ids[:start].tolist())
+        width = max(len(p) for p in prompts)
+        device = batch["input_ids"].device
+        left = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros_like(left)
+        for r, p in enumerate(prompts):
+            left[r, width - len(p):] = torch.tensor(p, device=device)
+            attn[r, width - len(p):] = 1
+        was_training = model.training
+        model.eval()
+        torch.manual_seed(self.generator_seed + self.on_policy_batches)
+        out = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                             eos_token_id=self.eos_id)
+        model.train(was_training)
+        examples = []
+        for r, (p, idx) in enumerate(zip(prompts, batch["index"].tolist())):
+            gen = out[r, width:].tolist()
+            if self.eos_id in gen:
+                gen = gen[: gen.index(self.eos_id) + 1]
+            examples.append(Example(tuple(p), tuple(t for t in gen if t != self.pad_id) or (self.eos_id,), idx))
+        new = collate(examples, self.pad_id)
+        return {k: v.to(device) for k, v in new.items()}

@@ -1,0 +1,339 @@
+"""The micro world of the CPU micro-study: 14 procedural tasks and a generic corpus.
+
+Everything is deterministic from a seed. Tasks mirror the paper's two domains:
+seven arithmetic-reasoning tasks whose outputs are a short rationale ending in
+"The answer is N.", and seven multiple-choice tasks answered with the paper's option
+tokens ("the correct answer is answer3"). Files are written in the LLM-Adapters JSON
+format ({"instruction", "input", "output", "answer"}), so the paper's prompt template
+and answer extraction serve both worlds.
+
+The generic pretraining corpus shares the world (names, objects, number facts, the
+animal almanac that `micro_arc` and `micro_obqa` quiz) but contains no task item.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+NAMES = ["Tom", "Mia", "Sam", "Ana", "Leo", "Ivy", "Max", "Zoe", "Ben", "Eva", "Jon", "Amy",
+         "Kai", "Liz", "Ned", "Ola", "Pat", "Rex", "Sue", "Ted"]
+THINGS = ["apples", "pens", "coins", "books", "cards", "eggs", "shells", "stamps", "rocks", "cups"]
+CONTAINERS = ["boxes", "bags", "packs", "jars", "baskets", "crates"]
+# Made-up animals with made-up facts: knowledge only the generic corpus teaches.
+ANIMALS = ["blick", "dorn", "fep", "glim", "hask", "jorp", "kib", "lunt", "mave", "nork",
+           "plib", "quon", "rask", "sorn", "tib", "vusk", "wem", "yarl", "zet", "brom",
+           "crill", "drex", "flon", "grub"]
+HOMES = ["river", "desert", "forest", "cave", "hill"]
+FOODS = ["fish", "seeds", "grass", "bugs", "fruit"]
+COLORS = ["red", "blue", "green", "white", "black"]
+# winogrande-style relations: (adjective, outcome the stronger one gets, outcome the weaker one gets)
+RELATIONS = [
+    ("taller", "reached the top shelf", "could not reach the top shelf"),
+    ("faster", "won the race", "lost the race"),
+    ("older", "could vote", "could not vote yet"),
+    ("richer", "bought the car", "could not buy the car"),
+    ("stronger", "lifted the box", "could not lift the box"),
+    ("hungrier", "ate more", "ate less"),
+]
+
+
+@dataclass(frozen=True)
+class Almanac:
+    """The fictional facts of the micro world: where each animal lives, what it eats, its color."""
+
+    home: dict[str, str]
+    food: dict[str, str]
+    color: dict[str, str]
+
+    @classmethod
+    def build(cls, seed: int) -> "Almanac":
+        rng = random.Random(f"almanac-{seed}")
+        return cls(
+            home={a: rng.choice(HOMES) for a in ANIMALS},
+            food={a: rng.choice(FOODS) for a in ANIMALS},
+            color={a: rng.choice(COLORS) for a in ANIMALS},
+        )
+
+    def sentences(self) -> list[str]:
+        out = []
+        for a in ANIMALS:
+            out += [f"The {a} lives in the {self.home[a]}.", f"The {a} eats {self.food[a]}.",
+                    f"The {a} is {self.color[a]}."]
+        return out
+
+
+def _item(instruction: str, output: str, answer: str) -> dict:
+    return {"instruction": instruction, "input": "", "output": output, "answer": answer}
+
+
+def _math(instruction: str, steps: list[str], answer: int) -> dict:
+    return _item(instruction, " ".join(steps + [f"The answer is {answer}."]), str(answer))
+
+
+def _choice(question: str, label: str, options: list[str], correct: int, fmt_sep: str = " ") -> dict:
+    """A multiple-choice item in the LLM-Adapters commonsense format."""
+    tokens = [f"{label}{i + 1}" for i in range(len(options))]
+    listed = fmt_sep.join(f"{t.capitalize()}: {o}" for t, o in zip(tokens, options))
+    instruction = f"{question}\n\n{listed}\n\nAnswer format: {'/'.join(tokens)}"
+    return _item(instruction, f"the correct answer is {tokens[correct]}", tokens[correct])
+
+
+def _shuffled_options(rng: random.Random, correct: str, wrong: list[str]) -> tuple[list[str], int]:
+    options = [correct] + wrong
+    rng.shuffle(options)
+    return options, options.index(correct)
+
+
+def _distractors(rng: random.Random, value: int, n: int, spread: int = 9) -> list[str]:
+    out: set[int] = set()
+    while len(out) < n:
+        d = value + rng.randint(-spread, spread)
+        if d != value and d >= 0:
+            out.add(d)
+    return [str(d) for d in sorted(out)]
+
+
+# --- math: rationale + "The answer is N." ------------------------------------------------
+
+def gen_addsub(rng: random.Random, w: "Almanac") -> dict:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(10, 49), rng.randint(2, 29)
+    if rng.random() < 0.5:
+        return _math(f"{name} has {a} {thing}. {name} gets {b} more. How many {thing} does {name} have now?",
+                     [f"{a} + {b} = {a + b}."], a + b)
+    a = a + b
+    return _math(f"{name} has {a} {thing}. {name} gives away {b}. How many {thing} does {name} have now?",
+                 [f"{a} - {b} = {a - b}."], a - b)
+
+
+def gen_singleeq(rng: random.Random, w: "Almanac") -> dict:
+    x, b = rng.randint(2, 50), rng.randint(2, 40)
+    if rng.random() < 0.5:
+        return _math(f"If x + {b} = {x + b}, what is x?", [f"x = {x + b} - {b} = {x}."], x)
+    return _math(f"If x - {b} = {x}, what is x?", [f"x = {x} + {b} = {x + b}."], x + b)
+
+
+def gen_multiarith(rng: random.Random, w: "Almanac") -> dict:
+    n, k, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+    box, thing = rng.choice(CONTAINERS), rng.choice(THINGS)
+    if rng.random() < 0.5:
+        return _math(f"There are {n} {box} with {k} {thing} each. Then {c} more {thing} are added. "
+                     f"How many {thing} are there?", [f"{n} * {k} = {n * k}.", f"{n * k} + {c} = {n * k + c}."],
+                     n * k + c)
+    c = min(c, n * k - 1)
+    return _math(f"There are {n} {box} with {k} {thing} each. Then {c} {thing} are lost. "
+                 f"How many {thing} are left?", [f"{n} * {k} = {n * k}.", f"{n * k} - {c} = {n * k - c}."],
+                 n * k - c)
+
+
+def gen_svamp(rng: random.Random, w: "Almanac") -> dict:
+    """Add/subtract with an irrelevant number to ignore (SVAMP's distractors)."""
+    name, other = rng.sample(NAMES, 2)
+    thing = rng.choice(THINGS)
+    a, b, d = rng.randint(10, 39), rng.randint(2, 19), rng.randint(2, 49)
+    distract = f"{other} has {d} {thing}."
+    if rng.random() < 0.5:
+        return _math(f"{name} has {a} {thing}. {distract} {name} finds {b} more. How many {thing} does {name} have?",
+                     [f"{a} + {b} = {a + b}."], a + b)
+    return _math(f"{name} has {a + b} {thing}. {distract} {name} loses {b}. How many {thing} does {name} have?",
+                 [f"{a + b} - {b} = {a}."], a)
+
+
+def gen_gsm(rng: random.Random, w: "Almanac") -> dict:
+    """Three steps: buy, receive, give away."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b, c = rng.randint(5, 20), rng.randint(2, 15), rng.randint(2, 9)
+    s1 = a + b
+    c = min(c, s1 - 1)
+    d = rng.randint(2, 9)
+    s2, s3 = s1 - c, s1 - c + d
+    return _math(f"{name} has {a} {thing}. {name} buys {b} more, gives {c} to a friend, and then finds {d}. "
+                 f"How many {thing} does {name} have?",
+                 [f"{a} + {b} = {s1}.", f"{s1} - {c} = {s2}.", f"{s2} + {d} = {s3}."], s3)
+
+
+def gen_aqua(rng: random.Random, w: "Almanac") -> dict:
+    """Multiplication and division facts in words."""
+    k, n = rng.randint(2, 9), rng.randint(2, 9)
+    box, thing = rng.choice(CONTAINERS), rng.choice(THINGS)
+    if rng.random() < 0.5:
+        return _math(f"One of the {box} holds {k} {thing}. How many {thing} are in {n} {box}?",
+                     [f"{n} * {k} = {n * k}."], n * k)
+    return _math(f"{n * k} {thing} are shared equally among {n} {box}. How many {thing} are in each?",
+                 [f"{n * k} / {n} = {k}."], k)
+
+
+def gen_mawps(rng: random.Random, w: "Almanac") -> dict:
+    """Number phrases: "8 more than twice 7"."""
+    x, c = rng.randint(2, 29), rng.randint(1, 30)
+    m, word = rng.choice([(2, "twice"), (3, "three times")])
+    if rng.random() < 0.5:
+        return _math(f"What number is {c} more than {word} {x}?",
+                     [f"{m} * {x} = {m * x}.", f"{m * x} + {c} = {m * x + c}."], m * x + c)
+    c = min(c, m * x - 1)
+    return _math(f"What number is {c} less than {word} {x}?",
+                 [f"{m} * {x} = {m * x}.", f"{m * x} - {c} = {m * x - c}."], m * x - c)
+
+
+# --- multiple choice: "the correct answer is <option token>" ------------------------------
+
+def gen_boolq(rng: random.Random, w: "Almanac") -> dict:
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.sample(range(10, 100), 2)
+        q, ans = f"is {a} larger than {b}?", a > b
+    elif kind == 1:
+        a = rng.randint(10, 99)
+        q, ans = f"is {a} an even number?", a % 2 == 0
+    else:
+        animal = rng.choice(ANIMALS)
+        home = w.home[animal] if rng.random() < 0.5 else rng.choice(HOMES)
+        q, ans = f"does the {animal} live in the {home}?", w.home[animal] == home
+    label = "true" if ans else "false"
+    return _item(f"Please answer the following question with true or false, question: {q}\n\n"
+                 f"Answer format: true/false", f"the correct answer is {label}", label)
+
+
+def gen_piqa(rng: random.Random, w: "Almanac") -> dict:
+    a, target = rng.randint(2, 30), rng.randint(2, 30)
+    while target == a:
+        target = rng.randint(2, 30)
+    diff = target - a
+    right = f"add {diff}" if diff > 0 else f"take away {-diff}"
+    wrong_d = diff + rng.choice([-2, -1, 1, 2])
+    wrong = f"add {wrong_d}" if wrong_d > 0 else (f"take away {-wrong_d}" if wrong_d < 0 else "add 10")
+    options, correct = _shuffled_options(rng, right, [wrong])
+    return _choice(f"Please choose the correct solution to the question: How do I turn {a} into {target}?",
+                   "solution", options, correct, fmt_sep="\n\n")
+
+
+def gen_siqa(rng: random.Random, w: "Almanac") -> dict:
+    giver, taker = rng.sample(NAMES, 2)
+    thing = rng.choice(THINGS)
+    a, b = rng.randint(5, 30), rng.randint(1, 9)
+    b = min(b, a - 1)
+    ask_giver = rng.random() < 0.5
+    c0 = rng.randint(0, 9)
+    value = a - b if ask_giver else c0 + b
+    q = (f"{giver} had {a} {thing} and {taker} had {c0}. {giver} gave {b} to {taker}. "
+         f"How many {thing} does {giver if ask_giver else taker} have now?")
+    options, correct = _shuffled_options(rng, str(value), _distractors(rng, value, 2, spread=4))
+    return _choice(f"Please choose the correct answer to the question: {q}", "answer", options, correct)
+
+
+def gen_hellaswag(rng: random.Random, w: "Almanac") -> dict:
+    start, step = rng.randint(1, 50), rng.randint(2, 12)
+    seq = [start + i * step for i in range(4)]
+    nxt = start + 4 * step
+    options, correct = _shuffled_options(rng, str(nxt), [str(nxt + d) for d in rng.sample([-2, -1, 1, 2, 3], 3)])
+    return _choice(f"Please choose the correct ending to complete the given sentence: The numbers "
+                   f"{', '.join(map(str, seq))} go on with", "ending", options, correct)
+
+
+def gen_winogrande(rng: random.Random, w: "Almanac") -> dict:
+    a, b = rng.sample(NAMES, 2)
+    adj, win, lose = rng.choice(RELATIONS)
+    outcome = win if rng.random() < 0.5 else lose
+    first_wins = outcome == win
+    options, correct = [a, b], 0 if first_wins else 1
+    return _item(f"Please choose the correct answer to fill in the blank to complete the given sentence: "
+                 f"{a} is {adj} than {b}, so _ {outcome}.\n\nOption1: {a} Option2: {b} Answer format: option1/option2",
+                 f"the correct answer is option{correct + 1}", f"option{correct + 1}")
+
+
+def gen_arc(rng: random.Random, w: "Almanac") -> dict:
+    animal = rng.choice(ANIMALS)
+    if rng.random() < 0.5:
+        q, right, pool = f"Where does the {animal} live?", w.home[animal], HOMES
+    else:
+        q, right, pool = f"What does the {animal} eat?", w.food[animal], FOODS
+    options, correct = _shuffled_options(rng, right, rng.sample([p for p in pool if p != right], 3))
+    return _choice(f"Please choose the correct answer to the question: {q}", "answer", options, correct)
+
+
+def gen_obqa(rng: random.Random, w: "Almanac") -> dict:
+    values = rng.sample(range(10, 100), 5)
+    largest = rng.random() < 0.5
+    target = max(values) if largest else min(values)
+    q = f"Which number is the {'largest' if largest else 'smallest'}?"
+    return _choice(f"Please choose the correct answer to the question: {q}", "answer",
+                   [str(v) for v in values], values.index(target))
+
+
+GENERATORS: dict[str, Callable[[random.Random, Almanac], dict]] = {
+    "micro_addsub": gen_addsub, "micro_singleeq": gen_singleeq, "micro_multiarith": gen_multiarith,
+    "micro_svamp": gen_svamp, "micro_gsm": gen_gsm, "micro_aqua": gen_aqua, "micro_mawps": gen_mawps,
+    "micro_boolq": gen_boolq, "micro_piqa": gen_piqa, "micro_siqa": gen_siqa,
+    "micro_hellaswag": gen_hellaswag, "micro_winogrande": gen_winogrande, "micro_arc": gen_arc,
+    "micro_obqa": gen_obqa,
+}
+
+
+def generate_task(name: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """n distinct items of task `name` (distinct instructions, none in `exclude`)."""
+    if name not in GENERATORS:
+        raise ValueError(f"unknown micro task {name!r}; known: {sorted(GENERATORS)}")
+    rng, world = random.Random(f"{name}-{seed}"), Almanac.build(seed)
+    items, seen = [], set(exclude)
+    for _ in range(50 * n):
+        item = GENERATORS[name](rng, world)
+        if item["instruction"] not in seen:
+            seen.add(item["instruction"])
+            items.append(item)
+            if len(items) == n:
+                return items
+    raise ValueError(f"micro task {name!r} cannot produce {n} distinct items (got {len(items)})")
+
+
+def generic_corpus(n_lines: int, seed: int) -> list[str]:
+    """Pretraining text: number facts, counting, small stories and the almanac (no task items)."""
+    rng, world = random.Random(f"corpus-{seed}"), Almanac.build(seed)
+    facts = world.sentences()
+    out = []
+    for _ in range(n_lines):
+        kind = rng.randrange(6)
+        if kind == 0:
+            a, b = rng.randint(0, 60), rng.randint(0, 40)
+            out.append(rng.choice([f"{a} plus {b} is {a + b}.", f"{a} + {b} = {a + b}.",
+                                   f"{a + b} minus {b} is {a}.", f"{a + b} - {b} = {a}."]))
+        elif kind == 1:
+            a, b = rng.randint(1, 12), rng.randint(1, 12)
+            out.append(rng.choice([f"{a} times {b} is {a * b}.", f"{a} * {b} = {a * b}.",
+                                   f"{a * b} / {a} = {b}."]))
+        elif kind == 2:
+            s, d = rng.randint(0, 30), rng.randint(1, 9)
+            out.append("Counting: " + ", ".join(str(s + i * d) for i in range(rng.randint(4, 7))) + ".")
+        elif kind == 3:
+            a, b = rng.sample(range(0, 100), 2)
+            out.append(f"{max(a, b)} is more than {min(a, b)}." if rng.random() < 0.5
+                       else f"{min(a, b)} is less than {max(a, b)}.")
+        elif kind == 4:
+            name, thing = rng.choice(NAMES), rng.choice(THINGS)
+            adj, win, _ = rng.choice(RELATIONS)
+            other = rng.choice([n for n in NAMES if n != name])
+            out.append(rng.choice([f"{name} likes {thing}. {name} keeps the {thing} in {rng.choice(CONTAINERS)}.",
+                                   f"{name} is {adj} than {other}, so {name} {win}."]))
+        else:
+            out.append(" ".join(rng.sample(facts, 3)))
+    return out
+
+
+def write_world(data_root: str | Path, n_train: int, n_test: int, seed: int,
+                tasks: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Write `<data_root>/<task>/{train,test}.json` for the micro tasks; returns item counts.
+
+    Test items never share an instruction with training items.
+    """
+    root = Path(data_root)
+    counts = {}
+    for name in tasks or list(GENERATORS):
+        test = generate_task(name, n_test, seed + 1)
+        train = generate_task(name, n_train, seed, exclude={t["instruction"] for t in test})
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for split, items in (("train", train), ("test", test)):
+            (root / name / f"{split}.json").write_text(json.dumps(items, indent=1))
+        counts[name] = {"train": len(train), "test": len(test)}
+    return counts
