@@ -1,0 +1,437 @@
+"""Tests of kd_utils.losses against an independent float64 reference (plain probabilities),
+in the style of TRL's GKD loss tests."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kd_utils.losses import (
+    LOG_PROB_FLOOR,
+    OBJECTIVES,
+    add_logit_noise,
+    add_topk_logit_noise,
+    kd_loss,
+    sparse_kd_loss,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention (it doubled the run time here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+NAMES = ["fkl", "rkl", "gjsd", "skew_fkl", "skew_rkl", "tvd"]
+B, T, V = 3, 5, 11
+
+
+# --------------------------------------------------------------------------- reference
+def _kl64(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(-1)
+
+
+def ref_div(s_logits, t_logits, objective, tau=1.0, beta=0.5, alpha=0.1):
+    """Per-position tau^2 * D(P_T, P_S), float64, written from the definitions."""
+    p = torch.softmax(t_logits.double() / tau, -1)
+    q = torch.softmax(s_logits.double() / tau, -1)
+    if objective == "fkl":
+        d = _kl64(p, q)
+    elif objective == "rkl":
+        d = _kl64(q, p)
+    elif objective == "gjsd":
+        m = beta * p + (1 - beta) * q
+        d = beta * _kl64(p, m) + (1 - beta) * _kl64(q, m)
+    elif objective == "skew_fkl":
+        d = _kl64(p, alpha * p + (1 - alpha) * q)
+    elif objective == "skew_rkl":
+        d = _kl64(q, alpha * q + (1 - alpha) * p)
+    elif objective == "tvd":
+        d = 0.5 * (p - q).abs().sum(-1)
+    else:
+        raise AssertionError(objective)
+    return tau**2 * d
+
+
+def ref_loss(s_logits, t_logits, mask=None, reduction="mean", **kw):
+    d = ref_div(s_logits, t_logits, **kw)
+    m = torch.ones(d.shape, dtype=torch.bool) if mask is None else mask.bool()
+    d = torch.where(m, d, torch.zeros_like(d))
+    if reduction == "none":
+        return d
+    if reduction == "sum":
+        return d.sum()
+    return d.sum() / max(int(m.sum()), 1)
+
+
+def _inputs(seed=0, shape=(B, T, V), scale=2.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    s = (scale * torch.randn(shape, generator=g)).to(dtype)
+    t = (scale * torch.randn(shape, generator=g)).to(dtype)
+    mask = torch.rand(shape[:-1], generator=g) > 0.3
+    mask.view(-1)[0] = True
+    return s, t, mask
+
+
+def _topk_cache(t_logits, k, tau):
+    vals, ids = t_logits.topk(k, dim=-1)
+    return vals, ids, (t_logits.to(torch.promote_types(t_logits.dtype, torch.float32)) / tau).logsumexp(-1)
+
+
+# --------------------------------------------------------------------------- registry/API
+def test_registry_names():
+    assert sorted(OBJECTIVES) == sorted(NAMES)
+
+
+def test_unknown_objective_lists_valid_names():
+    s, t, _ = _inputs()
+    with pytest.raises(ValueError) as e:
+        kd_loss(s, t, objective="jsd")
+    assert all(n in str(e.value) for n in NAMES)
+
+
+def test_shape_mismatch_names_both_shapes():
+    s, t, _ = _inputs()
+    with pytest.raises(ValueError) as e:
+        kd_loss(s, torch.cat([t, t[..., :2]], -1))
+    assert str((B, T, V)) in str(e.value) and str((B, T, V + 2)) in str(e.value)
+    with pytest.raises(ValueError, match="mask shape"):
+        kd_loss(s, t, mask=torch.ones(B, T + 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=0.0), dict(temperature=-1.0), dict(beta=1.5), dict(alpha=-0.1), dict(reduction="avg")]
+)
+def test_bad_arguments(kw):
+    s, t, _ = _inputs()
+    with pytest.raises(ValueError):
+        kd_loss(s, t, **kw)
+
+
+# --------------------------------------------------------------------------- values
+@pytest.mark.parametrize("objective", NAMES)
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_matches_float64_reference(objective, tau):
+    kw = dict(objective=objective, tau=tau, beta=0.3, alpha=0.2)
+    s, t, mask = _inputs(seed=1)
+    ref = ref_loss(s, t, mask, **kw)
+    args = dict(objective=objective, temperature=tau, beta=0.3, alpha=0.2)
+    got32 = kd_loss(s, t, mask, **args)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-6)
+    got64 = kd_loss(s.double(), t.double(), mask, **args)
+    torch.testing.assert_close(got64, ref, rtol=1e-12, atol=1e-13)
+    # temperature: same as the tau = 1 loss on logits / tau, times tau^2
+    torch.testing.assert_close(
+        kd_loss(s.double(), t.double(), mask, **args),
+        tau**2 * kd_loss(s.double() / tau, t.double() / tau, mask, **{**args, "temperature": 1.0}),
+    )
+
+
+@pytest.mark.parametrize("objective", NAMES)
+def test_zero_for_identical_inputs(objective):
+    s, _, mask = _inputs()
+    out = kd_loss(s, s.clone(), mask, objective=objective, temperature=2.0, reduction="none")
+    assert torch.all(out.abs() < 1e-6)
+
+
+def test_gjsd_symmetric_and_bounded_by_ln2():
+    s, t, mask = _inputs(seed=2, scale=4.0)
+    a = kd_loss(s, t, mask, objective="gjsd", beta=0.5, reduction="none")
+    b = kd_loss(t, s, mask, objective="gjsd", beta=0.5, reduction="none")
+    torch.testing.assert_close(a, b)
+    assert torch.all(a <= math.log(2) + 1e-6)
+    # nearly disjoint supports approach the bound
+    big = torch.full((1, 4), -40.0)
+    far_s, far_t = big.clone(), big.clone()
+    far_s[0, 0] = far_t[0, 1] = 40.0
+    torch.testing.assert_close(kd_loss(far_s, far_t, objective="gjsd").item(), math.log(2), rtol=1e-5, atol=0)
+
+
+def test_gjsd_limits():
+    """M = beta P_T + (1-beta) P_S. At beta = 0 (M = P_S) and beta = 1 (M = P_T) gjsd is exactly 0.
+    Expanding in beta: gjsd = beta KL(P_T||P_S) - beta^2/2 chi^2(P_T||P_S) + O(beta^3), so
+    gjsd/beta -> fkl as beta -> 0 and, by gjsd(T,S;beta) = gjsd(S,T;1-beta), gjsd/(1-beta) -> rkl
+    as beta -> 1 (the GKD paper's forward/reverse-KL ends; TRL returns these limits at 0 / 1)."""
+    s, t, _ = _inputs(seed=3, scale=0.7, dtype=torch.float64)
+    for b in (0.0, 1.0):
+        assert torch.all(kd_loss(s, t, objective="gjsd", beta=b, reduction="none") == 0)
+    fkl = kd_loss(s, t, objective="fkl", reduction="none")
+    rkl = kd_loss(s, t, objective="rkl", reduction="none")
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    chi2_pq, chi2_qp = ((p - q) ** 2 / q).sum(-1), ((p - q) ** 2 / p).sum(-1)
+    for eps in (1e-3, 1e-4):
+        lo = kd_loss(s, t, objective="gjsd", beta=eps, reduction="none")
+        hi = kd_loss(s, t, objective="gjsd", beta=1 - eps, reduction="none")
+        torch.testing.assert_close((lo / eps - fkl) / eps, -chi2_pq / 2, rtol=0.05, atol=1e-3)
+        torch.testing.assert_close((hi / eps - rkl) / eps, -chi2_qp / 2, rtol=0.05, atol=1e-3)
+        torch.testing.assert_close(lo / eps, fkl, rtol=20 * eps * chi2_pq.max().item(), atol=0)
+
+
+def test_skew_limits():
+    s, t, mask = _inputs(seed=4)
+    for skew, base in (("skew_fkl", "fkl"), ("skew_rkl", "rkl")):
+        torch.testing.assert_close(
+            kd_loss(s, t, mask, objective=skew, alpha=0.0), kd_loss(s, t, mask, objective=base)
+        )
+        assert kd_loss(s, t, mask, objective=skew, alpha=1.0).item() == 0.0
+        # a mixture with weight alpha on the first argument bounds the KL by -log(alpha)
+        assert torch.all(kd_loss(s * 10, t * 10, objective=skew, alpha=0.1, reduction="none") <= -math.log(0.1) + 1e-5)
+
+
+def test_tvd_in_unit_interval():
+    s, t, _ = _inputs(seed=5, scale=6.0)
+    out = kd_loss(s, t, objective="tvd", reduction="none")
+    assert torch.all((out >= 0) & (out <= 1))
+    far = torch.tensor([[50.0, -50.0]]), torch.tensor([[-50.0, 50.0]])
+    torch.testing.assert_close(kd_loss(*far, objective="tvd").item(), 1.0, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- masking / reduction
+@pytest.mark.parametrize("objective", NAMES)
+def test_masked_positions_do_not_matter(objective):
+    s, t, mask = _inputs(seed=6)
+    base = kd_loss(s, t, mask, objective=objective)
+    s2, t2 = s.clone().requires_grad_(), t.clone()
+    with torch.no_grad():
+        s2[~mask] = float("nan")
+        t2[~mask] = float("-inf")
+    out = kd_loss(s2, t2, mask, objective=objective)
+    assert out.item() == pytest.approx(base.item(), rel=1e-6)
+    out.backward()
+    assert torch.isfinite(s2.grad).all() and torch.all(s2.grad[~mask] == 0)
+    none = kd_loss(s2, t2, mask, objective=objective, reduction="none")
+    assert torch.all(none[~mask] == 0) and torch.isfinite(none).all()
+
+
+def test_all_masked_is_zero_without_nan():
+    s, t, _ = _inputs()
+    s = s.requires_grad_()
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for reduction in ("mean", "sum"):
+        out = kd_loss(s, t, mask, reduction=reduction)
+        assert out.item() == 0.0
+    out.backward()
+    assert torch.all(s.grad == 0)
+    assert torch.all(kd_loss(s, t, mask, reduction="none") == 0)
+
+
+def test_integer_mask_equals_bool_mask():
+    s, t, mask = _inputs(seed=7)
+    assert kd_loss(s, t, mask.long()).item() == kd_loss(s, t, mask).item()
+
+
+@pytest.mark.parametrize("objective", NAMES)
+def test_reductions_consistent(objective):
+    s, t, mask = _inputs(seed=8)
+    none = kd_loss(s, t, mask, objective=objective, reduction="none")
+    assert none.shape == (B, T)
+    total = kd_loss(s, t, mask, objective=objective, reduction="sum")
+    mean = kd_loss(s, t, mask, objective=objective, reduction="mean")
+    torch.testing.assert_close(none.sum(), total)
+    torch.testing.assert_close(mean, total / mask.sum())
+    torch.testing.assert_close(kd_loss(s, t, objective=objective), kd_loss(s, t, objective=objective, reduction="none").mean())
+
+
+def test_gradient_accumulation_uses_token_count():
+    s, t, _ = _inputs(seed=9, shape=(4, 6, V))
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:2, :5] = True  # micro-batch 1: 10 tokens
+    mask[2:, :1] = True  # micro-batch 2: 2 tokens
+    micro = [(s[:2], t[:2], mask[:2]), (s[2:], t[2:], mask[2:])]
+    accumulated = sum(kd_loss(a, b, m, reduction="sum") for a, b, m in micro) / mask.sum()
+    full = kd_loss(s, t, mask)
+    torch.testing.assert_close(accumulated, full)
+    mean_of_means = sum(kd_loss(a, b, m) for a, b, m in micro) / len(micro)
+    assert abs(mean_of_means.item() - full.item()) > 1e-3
+
+
+# --------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("objective", NAMES)
+def test_bf16_inputs(objective):
+    s, t, mask = _inputs(seed=10)
+    s16, t16 = s.bfloat16(), t.bfloat16()
+    out = kd_loss(s16, t16, mask, objective=objective, temperature=2.0)
+    assert out.dtype == torch.float32
+    # computed in float32: identical to the float32 loss of the rounded inputs ...
+    assert out.item() == kd_loss(s16.float(), t16.float(), mask, objective=objective, temperature=2.0).item()
+    # ... and close to the unrounded float32 loss
+    ref = kd_loss(s, t, mask, objective=objective, temperature=2.0)
+    torch.testing.assert_close(out, ref, rtol=3e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("objective", NAMES)
+def test_padded_teacher_vocab_neg_inf(objective):
+    s, t, mask = _inputs(seed=11, shape=(B, T, V + 5))
+    t[..., V:] = float("-inf")  # teacher vocab padded beyond the tokenizer
+    s[..., V + 1] = float("-inf")  # a student token that is also zero under the teacher
+    s_ok = s.clone()
+    s[0, 0, 3] = float("-inf")  # a banned student token the teacher likes (fkl truly +inf)
+    for s_in in (s.clone(), s_ok.clone()):  # finite value and finite grads either way
+        s_in.requires_grad_()
+        tt = t.clone().requires_grad_()
+        out = kd_loss(s_in, tt, mask, objective=objective, temperature=1.5)
+        assert torch.isfinite(out)
+        out.backward()
+        assert torch.isfinite(s_in.grad).all() and torch.isfinite(tt.grad).all()
+    out = kd_loss(s_ok, t, mask, objective=objective, temperature=1.5)
+    ref = ref_loss(s_ok, t, mask, objective=objective, tau=1.5)
+    if objective == "rkl":
+        # KL(P_S||P_T) is truly +inf (P_T = 0 < P_S on the pad); it is capped at the floor:
+        # each such token costs P_S * (log P_S - LOG_PROB_FLOOR)
+        assert torch.isinf(ref)
+        q = torch.softmax(s_ok.double() / 1.5, -1)
+        p_log = torch.log_softmax(t.double() / 1.5, -1).clamp_min(LOG_PROB_FLOOR)
+        capped = (torch.where(q > 0, q * (q.log() - p_log), 0.0)).sum(-1) * 1.5**2
+        ref = capped[mask].mean()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", NAMES)
+def test_gradcheck(objective):
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    f = lambda a, b: kd_loss(a, b, mask, objective=objective, temperature=1.7, beta=0.3, alpha=0.2)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (s, t))
+    ids = torch.randn(2, 3, 5, generator=g).topk(3, -1).indices
+    z = t.detach().gather(-1, ids)
+    lz = (t.detach() / 1.7).logsumexp(-1)
+    fs = lambda a: sparse_kd_loss(a, z, ids, lz, mask, objective=objective, temperature=1.7, beta=0.3, alpha=0.2)  # noqa: E731
+    assert torch.autograd.gradcheck(fs, (s,))
+
+
+# --------------------------------------------------------------------------- sparse (top-k cache)
+@pytest.mark.parametrize("objective", NAMES)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_sparse_equals_dense_at_full_k(objective, tau):
+    s, t, mask = _inputs(seed=13, dtype=torch.float64)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(0))
+    ids = perm.expand(B, T, V).contiguous()  # any order of all V ids, not only sorted
+    z, lz = t.gather(-1, ids), (t / tau).logsumexp(-1)
+    kw = dict(objective=objective, temperature=tau, beta=0.3, alpha=0.2)
+    for reduction in ("mean", "none"):
+        torch.testing.assert_close(
+            sparse_kd_loss(s, z, ids, lz, mask, reduction=reduction, **kw),
+            kd_loss(s, t, mask, reduction=reduction, **kw),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+    s32, t32 = s.float(), t.float()
+    z32, ids32, lz32 = _topk_cache(t32, V, tau)
+    torch.testing.assert_close(
+        sparse_kd_loss(s32, z32, ids32, lz32, mask, **kw), kd_loss(s32, t32, mask, **kw), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("objective", NAMES)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_sparse_lower_bound_for_k_below_vocab(objective, tau):
+    """All six objectives are f-divergences; bucketing the tail is a deterministic map of both
+    distributions, so the data-processing inequality gives sparse <= dense for every k. Float64:
+    in float32 a tiny teacher tail (here one token, ~1e-6) is only known to the precision of the
+    cached logZ, which rkl (log of the teacher tail weighted by the student's) can amplify."""
+    s, t, mask = _inputs(seed=14, scale=3.0, dtype=torch.float64)
+    dense = kd_loss(s, t, mask, objective=objective, temperature=tau, reduction="none")
+    prev = torch.zeros_like(dense)
+    for k in (1, 3, 6, V - 1):
+        z, ids, lz = _topk_cache(t, k, tau)
+        sp = sparse_kd_loss(s, z, ids, lz, mask, objective=objective, temperature=tau, reduction="none")
+        assert torch.isfinite(sp).all()
+        assert torch.all(sp <= dense + 1e-10)
+        assert torch.all(sp >= prev - 1e-10)  # a finer partition: monotone in k (top-k sets nest)
+        prev = sp
+
+
+@pytest.mark.parametrize("objective", NAMES)
+def test_sparse_with_padded_teacher_and_rounding(objective):
+    s, t, mask = _inputs(seed=15, shape=(B, T, V + 3))
+    t[..., V:] = float("-inf")
+    z, ids, lz = _topk_cache(t, V + 3, 1.0)  # k = V_padded: includes -inf logits
+    lz = lz - 1e-4  # a logZ slightly too small: top-k mass > 1 -> tail clamped to 0
+    s = s.requires_grad_()
+    out = sparse_kd_loss(s, z, ids, lz, mask, objective=objective)
+    assert torch.isfinite(out)
+    out.backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_sparse_shape_errors():
+    s, t, _ = _inputs()
+    z, ids, lz = _topk_cache(t, 4, 1.0)
+    with pytest.raises(ValueError, match="topk_ids"):
+        sparse_kd_loss(s, z, ids[..., :3], lz)
+    with pytest.raises(ValueError, match="teacher_logz"):
+        sparse_kd_loss(s, z, ids, lz[:, :2])
+    with pytest.raises(ValueError, match="k <= V"):
+        sparse_kd_loss(s[..., :3], z, ids, lz)
+    # (..., 1) log-normalizers are accepted
+    assert sparse_kd_loss(s, z, ids, lz.unsqueeze(-1)).item() == sparse_kd_loss(s, z, ids, lz).item()
+
+
+# --------------------------------------------------------------------------- noise
+def test_add_logit_noise_std_and_identity():
+    x = torch.zeros(400, 1000)
+    assert add_logit_noise(x, 0.0) is x
+    y = add_logit_noise(x, 0.7, generator=torch.Generator().manual_seed(0))
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert abs(y.std().item() - 0.7) < 0.01 and abs(y.mean().item()) < 0.01
+    y2 = add_logit_noise(x, 0.7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y, y2)
+    pad = torch.tensor([1.0, float("-inf")])
+    assert add_logit_noise(pad, 1.0)[1].item() == float("-inf")
+    assert add_logit_noise(x.bfloat16(), 0.5).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        add_logit_noise(x, -0.1)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_topk_noise_exact_at_full_k_and_consistent(tau):
+    s, t, mask = _inputs(seed=16, dtype=torch.float64)
+    z, ids, lz = _topk_cache(t, V, tau)
+    zn, lzn = add_topk_logit_noise(z, lz, 0.5, temperature=tau, generator=torch.Generator().manual_seed(1))
+    t_noisy = torch.empty_like(t).scatter_(-1, ids, zn)  # the same noise on the dense logits
+    torch.testing.assert_close(lzn, (t_noisy / tau).logsumexp(-1))
+    torch.testing.assert_close(
+        sparse_kd_loss(s, zn, ids, lzn, mask, temperature=tau), kd_loss(s, t_noisy, mask, temperature=tau)
+    )
+    # k < V, scale_tail=False: the unnormalized tail mass is kept as is
+    z, ids, lz = _topk_cache(t, 4, tau)
+    zn, lzn = add_topk_logit_noise(z, lz, 0.5, temperature=tau, scale_tail=False)
+    tail_unnorm = (lz.exp() - (z / tau).exp().sum(-1))
+    total = (zn / tau).exp().sum(-1) + tail_unnorm
+    torch.testing.assert_close(lzn, total.log())
+    # default: the tail mass times its expected noise factor
+    c = math.exp(0.5**2 / (2 * tau**2))
+    zn, lzs = add_topk_logit_noise(z, lz, 0.5, temperature=tau)
+    torch.testing.assert_close(lzs, ((zn / tau).exp().sum(-1) + c * tail_unnorm).log())
+    assert add_topk_logit_noise(z, lz, 0.0)[0] is z
+
+
+def test_floor_constant():
+    assert LOG_PROB_FLOOR == pytest.approx(-87.3365, abs=1e-3)
+
+
+def test_topk_noise_tail_scaling_matches_dense_noise():
+    """With a many-token tail, scaling the tail by exp(sigma^2 / (2 tau^2)) approximates the
+    densely noised teacher (same noise on the top-k, fresh noise on the tail) better than
+    keeping it."""
+    n, vocab, k, tau, sigma = 128, 1024, 8, 1.0, 1.0
+    g = torch.Generator().manual_seed(17)
+    rank = torch.arange(1, vocab + 1, dtype=torch.float64)
+    t = (-1.5 * rank.log())[torch.argsort(torch.rand(n, vocab, generator=g), -1)]
+    s = t + torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    z, ids, lz = _topk_cache(t, k, tau)
+    out = {}
+    for scale in (True, False):
+        zn, lzn = add_topk_logit_noise(z, lz, sigma, tau, torch.Generator().manual_seed(3), scale_tail=scale)
+        out[scale] = sparse_kd_loss(s, zn, ids, lzn, temperature=tau).item()
+    tn = (t + sigma * torch.randn(n, vocab, generator=g, dtype=torch.float64)).scatter(-1, ids, zn)
+    target = sparse_kd_loss(s, zn, ids, (tn / tau).logsumexp(-1), temperature=tau).item()
+    assert abs(out[True] - target) < abs(out[False] - target)
+    assert abs(out[True] - target) < 0.02 * target
