@@ -1,0 +1,381 @@
+"""The task registry (declarative, like lm-evaluation-harness task files) and answer scoring.
+
+A task is data: a `Task` entry in `TASKS`. Adding a task is adding an entry; groups
+("paper_math", "micro", ...) follow from each entry's suite and domain.
+
+Prompt and scoring mirror the LLM-Adapters code the paper's authors evaluated with
+(evaluate.py for math, commomsense_evaluate.py for commonsense):
+
+- prompt: their `generate_prompt` with the 16-space source indentation of each line removed
+  (see `PROMPT_NO_INPUT` / `PROMPT_WITH_INPUT`, which keep their "request. " trailing space);
+- number tasks: commas are deleted, the last match of ``-?\\d+\\.?\\d*`` is the answer, and it
+  is correct when ``abs(pred - float(label)) <= 0.001``. So "1,000" -> 1000, "$5" -> 5,
+  "5." -> 5, "-3" -> -3, and (deliberately, as theirs) "3/4" -> 4 and "10-3" -> -3;
+- letter tasks (AQuA): the first character A-E anywhere in the output (their regex
+  ``A|B|C|D|E``, case-sensitive, no word boundary: a capital "A"/"E" in a rationale counts);
+- choice tasks: the first occurrence of any of the task's option tokens (case-sensitive,
+  their regex; longer tokens are tried first so a token that prefixes another never wins).
+No answer found -> `extract_answer` gives None and the item is incorrect.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+DOMAINS = ("math", "commonsense", "instruction")
+ANSWER_KINDS = ("number", "letter", "choice")
+SUITES = ("paper", "micro")
+
+# Generation budget per domain (LLM-Adapters: 256 new tokens for math, 32 for commonsense).
+MAX_NEW_TOKENS = {"math": 256, "commonsense": 32, "instruction": 256}
+
+# How a reference response states the label (the format of the LLM-Adapters outputs).
+ANSWER_FORMATS = {"number": "The answer is {}.", "letter": "The answer is ({}).",
+                  "choice": "the correct answer is {}"}
+
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request. \n\n"
+    "### Instruction:\n{instruction}\n\n"
+    "### Response:\n"
+)
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n"
+    "### Response:\n"
+)
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+_ANSWER_FORMAT_LINE = re.compile(r"Answer format: (\S+)\s*$")
+_MISS = 0.001
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation task.
+
+    suite "paper" reads `<llm_adapters root>/<local_dir>/<split>.json` (shared data by default);
+    suite "micro" reads `<study data root>/<local_dir>/<split>.json`. `hf_dataset` (+ config,
+    split, and a named converter from `CONVERTERS`) is the fallback source when no local file
+    exists; without a converter the hub records must already be LLM-Adapters items.
+    """
+
+    name: str
+    domain: str
+    answer_kind: str
+    options: tuple[str, ...] = ()
+    suite: str = "paper"
+    local_dir: str = ""  # defaults to `name`
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "test"
+    hf_converter: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ValueError(f"task {self.name!r}: domain {self.domain!r} not in {DOMAINS}")
+        if self.answer_kind not in ANSWER_KINDS:
+            raise ValueError(f"task {self.name!r}: answer_kind {self.answer_kind!r} not in {ANSWER_KINDS}")
+        if self.suite not in SUITES:
+            raise ValueError(f"task {self.name!r}: suite {self.suite!r} not in {SUITES}")
+        if (self.answer_kind == "number") == bool(self.options):
+            raise ValueError(f"task {self.name!r}: {self.answer_kind} tasks "
+                             f"{'take no' if self.options else 'need'} options")
+        if self.hf_converter is not None and self.hf_converter not in CONVERTERS:
+            raise ValueError(f"task {self.name!r}: unknown converter {self.hf_converter!r}; "
+                             f"known: {sorted(CONVERTERS)}")
+        if not self.local_dir:
+            object.__setattr__(self, "local_dir", self.name)
+
+    @property
+    def answer_format(self) -> str:
+        return ANSWER_FORMATS[self.answer_kind]
+
+
+# --- Hugging Face converters: hub record -> LLM-Adapters item -------------------------------
+
+def _item(instruction: str, answer: str) -> dict:
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}",
+            "answer": answer}
+
+
+def _listed(prefix: str, texts: Iterable[str]) -> tuple[str, str]:
+    texts = list(texts)
+    listed = " ".join(f"{prefix.capitalize()}{i}: {t}" for i, t in enumerate(texts, 1))
+    return listed, "/".join(f"{prefix}{i}" for i in range(1, len(texts) + 1))
+
+
+def convert_boolq(r: dict) -> dict:
+    """google/boolq: question, answer (bool)."""
+    return _item(f"Please answer the following question with true or false, question: {r['question']}?"
+                 f"\n\nAnswer format: true/false", "true" if r["answer"] else "false")
+
+
+def convert_hellaswag(r: dict) -> dict:
+    """Rowan/hellaswag: activity_label, ctx, endings (4), label ("0"-"3")."""
+    listed, fmt = _listed("ending", r["endings"])
+    return _item(f"Please choose the correct ending to complete the given sentence: "
+                 f"{r['activity_label']}: {r['ctx']}\n\n{listed}\n\nAnswer format: {fmt}",
+                 f"ending{int(r['label']) + 1}")
+
+
+def convert_winogrande(r: dict) -> dict:
+    """allenai/winogrande: sentence, option1, option2, answer ("1"/"2")."""
+    return _item(f"Please choose the correct answer to fill in the blank to complete the given sentence: "
+                 f"{r['sentence']}\n\nOption1: {r['option1']} Option2: {r['option2']} "
+                 f"Answer format: option1/option2", f"option{r['answer']}")
+
+
+def convert_multiple_choice(r: dict) -> dict:
+    """allenai/ai2_arc and allenai/openbookqa: question (or question_stem), choices{text,label}, answerKey."""
+    question = r["question"] if "question" in r else r["question_stem"]
+    listed, fmt = _listed("answer", r["choices"]["text"])
+    correct = list(r["choices"]["label"]).index(r["answerKey"]) + 1
+    return _item(f"Please choose the correct answer to the question: {question}\n\n{listed}\n\n"
+                 f"Answer format: {fmt}", f"answer{correct}")
+
+
+CONVERTERS: dict[str, Callable[[dict], dict]] = {
+    "boolq": convert_boolq, "hellaswag": convert_hellaswag, "winogrande": convert_winogrande,
+    "multiple_choice": convert_multiple_choice,
+}
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+def _tokens(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(1, n + 1))
+
+
+_ABCDE = ("A", "B", "C", "D", "E")
+_TF = ("true", "false")
+
+_ENTRIES = [
+    # the paper's 14 zero-shot test sets (LLM-Adapters format)
+    Task("gsm8k", "math", "number"),
+    Task("SVAMP", "math", "number"),
+    Task("MultiArith", "math", "number"),
+    Task("SingleEq", "math", "number"),
+    Task("AddSub", "math", "number"),
+    Task("AQuA", "math", "letter", _ABCDE),
+    Task("boolq", "commonsense", "choice", _TF,
+         hf_dataset="google/boolq", hf_split="validation", hf_converter="boolq"),
+    Task("piqa", "commonsense", "choice", _tokens("solution", 2)),
+    # answer1-5 for these four: the authors' regex (ARC has 3- to 5-option items)
+    Task("social_i_qa", "commonsense", "choice", _tokens("answer", 5)),
+    Task("hellaswag", "commonsense", "choice", _tokens("ending", 4),
+         hf_dataset="Rowan/hellaswag", hf_split="validation", hf_converter="hellaswag"),
+    Task("winogrande", "commonsense", "choice", _tokens("option", 2),
+         hf_dataset="allenai/winogrande", hf_config="winogrande_xl", hf_split="validation",
+         hf_converter="winogrande"),
+    Task("ARC-Easy", "commonsense", "choice", _tokens("answer", 5),
+         hf_dataset="allenai/ai2_arc", hf_config="ARC-Easy", hf_converter="multiple_choice"),
+    Task("ARC-Challenge", "commonsense", "choice", _tokens("answer", 5),
+         hf_dataset="allenai/ai2_arc", hf_config="ARC-Challenge", hf_converter="multiple_choice"),
+    Task("openbookqa", "commonsense", "choice", _tokens("answer", 5),
+         hf_dataset="allenai/openbookqa", hf_config="main", hf_converter="multiple_choice"),
+    # the micro world of the CPU study (kd_utils.microworld writes them)
+    *(Task(f"micro_{n}", "math", "number", suite="micro")
+      for n in ("addsub", "singleeq", "multiarith", "svamp", "gsm", "aqua", "mawps")),
+    Task("micro_boolq", "commonsense", "choice", _TF, suite="micro"),
+    Task("micro_piqa", "commonsense", "choice", _tokens("solution", 2), suite="micro"),
+    Task("micro_siqa", "commonsense", "choice", _tokens("answer", 3), suite="micro"),
+    Task("micro_hellaswag", "commonsense", "choice", _tokens("ending", 4), suite="micro"),
+    Task("micro_winogrande", "commonsense", "choice", _tokens("option", 2), suite="micro"),
+    Task("micro_arc", "commonsense", "choice", _tokens("answer", 4), suite="micro"),
+    Task("micro_obqa", "commonsense", "choice", _tokens("answer", 5), suite="micro"),
+]
+TASKS: dict[str, Task] = {t.name: t for t in _ENTRIES}
+
+
+def _groups(tasks: dict[str, Task]) -> dict[str, tuple[str, ...]]:
+    groups: dict[str, list[str]] = {}
+    for t in tasks.values():
+        for key in (t.suite, f"{t.suite}_{t.domain}"):
+            groups.setdefault(key, []).append(t.name)
+    return {k: tuple(v) for k, v in groups.items()}
+
+
+GROUPS: dict[str, tuple[str, ...]] = _groups(TASKS)
+
+
+def _unknown(name: str) -> ValueError:
+    known = {k.lower(): k for k in [*TASKS, *GROUPS]}
+    close = [known[k] for k in difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.6)]
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return ValueError(f"unknown task or group {name!r}{hint} (groups: {', '.join(sorted(GROUPS))})")
+
+
+def get_task(task: Task | str) -> Task:
+    """A task by name (a `Task` passes through); unknown names raise with a suggestion."""
+    if isinstance(task, Task):
+        return task
+    if task in GROUPS:
+        raise ValueError(f"{task!r} is a group of tasks {GROUPS[task]}, not one task")
+    if task not in TASKS:
+        raise _unknown(task)
+    return TASKS[task]
+
+
+def resolve_tasks(names: str | Task | Iterable[str | Task]) -> list[Task]:
+    """Task names, group names and `Task`s -> tasks (in order, without repeats)."""
+    if isinstance(names, (str, Task)):
+        names = [names]
+    out: dict[str, Task] = {}
+    for name in names:
+        if isinstance(name, Task):
+            out.setdefault(name.name, name)
+        elif name in GROUPS:
+            out.update((n, TASKS[n]) for n in GROUPS[name] if n not in out)
+        elif name in TASKS:
+            out.setdefault(name, TASKS[name])
+        else:
+            raise _unknown(name)
+    if not out:
+        raise ValueError("no task given")
+    return list(out.values())
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def default_data_root() -> Path:
+    """The LLM-Adapters test sets: $KD_DATA_ROOT, else $KD_SHARED_DIR/data/llm_adapters,
+    else ../shared/data/llm_adapters beside the repository (the path may not exist)."""
+    if os.environ.get("KD_DATA_ROOT"):
+        return Path(os.environ["KD_DATA_ROOT"])
+    shared = Path(os.environ.get("KD_SHARED_DIR") or _REPO.parent / "shared")
+    return shared / "data" / "llm_adapters"
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
+    return data
+
+
+def _from_hub(task: Task) -> list[dict]:
+    from datasets import load_dataset  # heavy import, only on this path
+
+    try:
+        records = load_dataset(task.hf_dataset, task.hf_config, split=task.hf_split)
+    except Exception as e:  # offline, missing dataset, bad config: all surface the same way
+        raise FileNotFoundError(
+            f"task {task.name!r}: no local data and the hub dataset {task.hf_dataset!r} "
+            f"(config {task.hf_config!r}, split {task.hf_split!r}) could not be loaded "
+            f"({type(e).__name__}: {e}); pass data_root= a folder with {task.local_dir}/test.json "
+            f"or set KD_DATA_ROOT") from e
+    convert = CONVERTERS[task.hf_converter] if task.hf_converter else dict
+    return [convert(r) for r in records]
+
+
+def load_items(task: Task | str, data_root: str | Path | None = None, split: str = "test",
+               limit: int | None = None) -> list[dict]:
+    """Items of a task: dicts with id (index in the file), instruction, input, output, answer.
+
+    data_root None: paper tasks use `default_data_root()`, then the task's hub dataset (test
+    split only); micro tasks need the study's data root.
+    """
+    task = get_task(task)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of items, got {limit}")
+    if data_root is None and task.suite == "micro":
+        raise ValueError(f"micro task {task.name!r} needs data_root (the study's data folder)")
+    root = Path(data_root) if data_root is not None else default_data_root()
+    path = root / task.local_dir / f"{split}.json"
+    if path.is_file():
+        raw, source = _read_json(path), str(path)
+    elif data_root is None and task.hf_dataset and split == "test":
+        raw, source = _from_hub(task), task.hf_dataset
+    else:
+        raise FileNotFoundError(f"task {task.name!r}: {path} does not exist")
+    items = []
+    for i, r in enumerate(raw[:limit]):
+        missing = [k for k in ("instruction", "answer") if k not in r]
+        if missing:
+            raise ValueError(f"{source}: item {i} lacks {missing}")
+        items.append({"id": i, "instruction": r["instruction"], "input": r.get("input") or "",
+                      "output": r.get("output", ""), "answer": str(r["answer"])})
+    return items
+
+
+# --- prompts and reference responses ------------------------------------------------------------
+
+def build_prompt(instruction: str, input: str = "") -> str:
+    """The LLM-Adapters prompt (dedented `generate_prompt`); the response follows its final newline."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def format_response(output: str) -> str:
+    """A training target: the reference output stripped, as evaluate.py strips generations."""
+    return output.strip()
+
+
+def format_answer(task: Task, label: str) -> str:
+    """A response stating `label` the way the reference outputs do ("The answer is 576.")."""
+    if task.answer_kind == "number":
+        value = _label_value(task, label)
+        label = str(int(value)) if value.is_integer() else label.strip()
+    return task.answer_format.format(label)
+
+
+def item_options(task: Task, item: dict) -> tuple[str, ...]:
+    """The option tokens of one item: its "Answer format: a/b/c" line when present, else the task's."""
+    if task.answer_kind == "number":
+        raise ValueError(f"task {task.name!r} has numeric answers, not options")
+    m = _ANSWER_FORMAT_LINE.search(item["instruction"])
+    if m:
+        listed = tuple(m.group(1).split("/"))
+        if not set(listed) <= set(task.options):
+            raise ValueError(f"task {task.name!r} item {item.get('id')}: answer format {listed} "
+                             f"is not within the task's options {task.options}")
+        return listed
+    return task.options
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def _label_value(task: Task, label: str) -> float:
+    try:
+        return float(str(label).replace(",", ""))
+    except ValueError:
+        raise ValueError(f"task {task.name!r}: label {label!r} is not a number") from None
+
+
+def _option_regex(options: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(re.escape(o) for o in sorted(options, key=len, reverse=True)))
+
+
+def extract_answer(task: Task | str, text: str) -> str | None:
+    """The answer a model output states (see the module docstring), or None."""
+    task = get_task(task)
+    text = (text or "").strip()
+    if task.answer_kind == "number":
+        found = _NUMBER.findall(text.replace(",", ""))
+        return found[-1].rstrip(".") if found else None  # "5." (sentence end) -> "5"
+    m = _option_regex(task.options).search(text)
+    return m.group(0) if m else None
+
+
+def is_correct(task: Task | str, text: str, label: str) -> bool:
+    """Whether the model output `text` states the gold `label`."""
+    task = get_task(task)
+    pred = extract_answer(task, text)
+    if pred is None:
+        return False
+    if task.answer_kind == "number":
+        return abs(float(pred) - _label_value(task, label)) <= _MISS
+    return pred == str(label).strip()

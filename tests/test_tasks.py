@@ -1,0 +1,341 @@
+"""The task registry, prompt template, data loading and answer extraction."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from kd_utils import tasks as T
+from kd_utils.tasks import (GROUPS, TASKS, Task, build_prompt, extract_answer, format_answer, get_task,
+                            is_correct, item_options, load_items, resolve_tasks)
+
+SHARED = Path(os.environ.get("KD_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
+PAPER_DATA = SHARED / "data" / "llm_adapters"
+needs_paper_data = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason=f"no shared test sets at {PAPER_DATA}")
+
+
+def _wrong_response(task: Task, item: dict) -> str:
+    """A response stating a wrong label: label + 1, or the next option of the item."""
+    if task.answer_kind == "number":
+        return format_answer(task, str(float(item["answer"]) + 1))
+    opts = item_options(task, item)
+    return format_answer(task, opts[(opts.index(item["answer"]) + 1) % len(opts)])
+
+
+# --- the paper's test sets ------------------------------------------------------------------------
+
+@needs_paper_data
+@pytest.mark.parametrize("name", GROUPS["paper"])
+def test_gold_answers_score_100_and_wrong_answers_0_on_every_item(name):
+    task = TASKS[name]
+    items = load_items(task, data_root=PAPER_DATA)
+    assert len(items) > 200 and [it["id"] for it in items] == list(range(len(items)))
+    assert all(is_correct(task, format_answer(task, it["answer"]), it["answer"]) for it in items)
+    assert not any(is_correct(task, _wrong_response(task, it), it["answer"]) for it in items)
+
+
+@needs_paper_data
+@pytest.mark.parametrize("name", GROUPS["paper_commonsense"])
+def test_reference_outputs_are_the_answer_format(name):
+    task = TASKS[name]
+    for it in load_items(task, data_root=PAPER_DATA):
+        assert it["output"] == format_answer(task, it["answer"])
+        assert it["answer"] in item_options(task, it)
+
+
+@needs_paper_data
+@pytest.mark.parametrize("name, statement", [("AQuA", r"The answer is \(([A-E])\)\.$"),
+                                             ("gsm8k", r"The answer is (\d+)\.$")])
+def test_format_answer_writes_what_the_reference_rationales_write(name, statement):
+    found = [re.search(statement, it["output"].strip()) for it in load_items(name, data_root=PAPER_DATA)]
+    found = [m for m in found if m]
+    assert len(found) > 200
+    assert all(format_answer(TASKS[name], m[1]) == m[0] for m in found)
+
+
+@needs_paper_data
+def test_arc_items_with_three_or_five_options():
+    items = load_items("ARC-Easy", data_root=PAPER_DATA)
+    sizes = {len(item_options(TASKS["ARC-Easy"], it)) for it in items}
+    assert sizes == {3, 4, 5}
+
+
+@needs_paper_data
+def test_default_data_root_finds_shared_data(monkeypatch):
+    monkeypatch.delenv("KD_DATA_ROOT", raising=False)
+    monkeypatch.setenv("KD_SHARED_DIR", str(SHARED))
+    assert T.default_data_root() == PAPER_DATA
+    assert load_items("gsm8k", limit=3)[0]["answer"] == load_items("gsm8k", data_root=PAPER_DATA)[0]["answer"]
+
+
+# --- Hugging Face converters: rebuild the shared items from hub-shaped records --------------------
+
+def _hub_record(task: str, it: dict) -> dict:
+    """The hub record an LLM-Adapters item was made from (parsed back from its instruction)."""
+    body = it["instruction"].split(": ", 1)[1]
+    n = int(it["answer"][-1]) if task != "boolq" else None
+    if task == "boolq":
+        return {"question": body.split("?\n\nAnswer format")[0], "answer": it["answer"] == "true"}
+    if task == "winogrande":
+        m = re.fullmatch(r"(.*)\n\nOption1: (.*) Option2: (.*) Answer format: .*", body, re.S)
+        return {"sentence": m[1], "option1": m[2], "option2": m[3], "answer": str(n)}
+    head, listed, _ = body.split("\n\n")
+    prefix = "Ending" if task == "hellaswag" else "Answer"
+    texts = re.split(rf" ?{prefix}\d: ", listed)[1:]
+    if task == "hellaswag":
+        label, ctx = head.split(": ", 1)
+        return {"activity_label": label, "ctx": ctx, "endings": texts, "label": str(n - 1)}
+    keys = "ABCDE"[:len(texts)]
+    return {"question_stem" if task == "openbookqa" else "question": head,
+            "choices": {"text": texts, "label": list(keys)}, "answerKey": keys[n - 1]}
+
+
+@needs_paper_data
+@pytest.mark.parametrize("name", [n for n in GROUPS["paper"] if TASKS[n].hf_converter])
+def test_hub_converter_reproduces_the_shared_items(name, monkeypatch, tmp_path):
+    task = TASKS[name]
+    shared = load_items(task, data_root=PAPER_DATA)
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [_hub_record(task.name, it) for it in shared]
+
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setenv("KD_DATA_ROOT", str(tmp_path))  # no local files: the hub path is taken
+    rebuilt = load_items(task)
+    assert calls == [(task.hf_dataset, task.hf_config, task.hf_split)]
+    assert rebuilt == shared
+
+
+def test_hub_failure_is_a_clear_error(monkeypatch, tmp_path):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("KD_DATA_ROOT", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"Rowan/hellaswag.*ConnectionError"):
+        load_items("hellaswag")
+    with pytest.raises(FileNotFoundError, match="piqa"):  # no hub source declared
+        load_items("piqa")
+
+
+# --- prompt -----------------------------------------------------------------------------------------
+
+# LLM-Adapters commomsense_evaluate.py / evaluate.py `generate_prompt`, as indented in their source.
+_THEIRS_NO_INPUT = """Below is an instruction that describes a task. Write a response that appropriately completes the request. 
+
+                ### Instruction:
+                {instruction}
+
+                ### Response:
+                """  # noqa: W291
+_THEIRS_INPUT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+
+                ### Instruction:
+                {instruction}
+
+                ### Input:
+                {input}
+
+                ### Response:
+                """
+
+
+def _dedent(template: str) -> str:
+    return "\n".join(line.lstrip(" ") for line in template.split("\n"))
+
+
+def test_prompt_is_the_llm_adapters_template_without_indentation():
+    assert build_prompt("Add 2 and 3.") == _dedent(_THEIRS_NO_INPUT).format(instruction="Add 2 and 3.")
+    assert build_prompt("Add.", "2 and 3") == _dedent(_THEIRS_INPUT).format(instruction="Add.", input="2 and 3")
+    assert build_prompt("{braces} stay", "").endswith("### Instruction:\n{braces} stay\n\n### Response:\n")
+
+
+def test_format_response_strips_reference_whitespace():
+    assert T.format_response("\nA: 2 + 3 = 5. The answer is 5.\n") == "A: 2 + 3 = 5. The answer is 5."
+
+
+# --- extraction unit cases -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is 576.", "576"),
+    ("So 1,000 + 234 = 1,234. The answer is 1,234.", "1234"),
+    ("It costs $5. The answer is $5", "5"),
+    ("The temperature fell to -3 degrees.", "-3"),
+    ("Each gets 2.75 pounds", "2.75"),
+    ("The answer is 0.6666666666666666.", "0.6666666666666666"),
+    ("He ate 3/4 of the pie", "4"),          # as LLM-Adapters: the last number, no fractions
+    ("x = 10-3", "-3"),                     # as LLM-Adapters: a hyphen before digits is a sign
+    ("no digits here", None),
+    ("", None),
+])
+def test_number_extraction(text, expected):
+    assert extract_answer("gsm8k", text) == expected
+
+
+@pytest.mark.parametrize("text, label, correct", [
+    ("The answer is 576.", "576.0", True),
+    ("The answer is 576.0004", "576.0", True),
+    ("The answer is 576.01", "576.0", False),
+    ("It is -10.", "-10.0", True),
+    ("The answer is 10.", "-10.0", False),
+    ("The answer is 1,000.", "1000", True),
+    ("I am not sure.", "3.0", False),
+    ("9" * 400, "3.0", False),             # overflow to inf: incorrect, not an exception
+])
+def test_number_scoring(text, label, correct):
+    assert is_correct("SVAMP", text, label) is correct
+
+
+def test_bad_number_label_is_a_clear_error():
+    with pytest.raises(ValueError, match="'seven' is not a number"):
+        is_correct("gsm8k", "The answer is 7.", "seven")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is (C).", "C"),
+    ("\nRationale: 2 + 2 = 4. The answer is (D).", "D"),
+    ("Answer: (B)", "A"),                   # the authors' regex: the first capital A-E anywhere
+    ("the answer is b", None),
+])
+def test_letter_extraction_mirrors_llm_adapters(text, expected):
+    assert extract_answer("AQuA", text) == expected
+
+
+def test_choice_extraction_takes_the_first_option_and_prefers_longer_tokens():
+    assert extract_answer("ARC-Easy", "the correct answer is answer2, not answer1") == "answer2"
+    assert extract_answer("boolq", "that is false; true would be wrong") == "false"
+    assert extract_answer("boolq", "True") is None  # case-sensitive, as the authors' regex
+    ten = Task("ten", "commonsense", "choice", tuple(f"answer{i}" for i in range(1, 11)))
+    assert extract_answer(ten, "the correct answer is answer10") == "answer10"
+    assert is_correct(ten, "the correct answer is answer10", "answer10")
+    assert not is_correct(ten, "the correct answer is answer10", "answer1")
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "AQuA", "piqa", "micro_obqa"])
+def test_no_answer_is_incorrect_not_an_error(name):
+    label = "1.0" if TASKS[name].answer_kind == "number" else TASKS[name].options[0]
+    assert extract_answer(name, "") is None
+    assert is_correct(name, "", label) is False
+    assert is_correct(name, None, label) is False
+
+
+# --- registry ----------------------------------------------------------------------------------------
+
+def test_registry_entries_and_groups():
+    assert len(GROUPS["paper"]) == len(GROUPS["micro"]) == 14
+    assert GROUPS["paper"] == GROUPS["paper_math"] + GROUPS["paper_commonsense"]
+    assert set(GROUPS["paper_math"]) == {"gsm8k", "SVAMP", "MultiArith", "SingleEq", "AddSub", "AQuA"}
+    assert set(GROUPS["micro_math"]) == {f"micro_{n}" for n in
+                                         ("addsub", "singleeq", "multiarith", "svamp", "gsm", "aqua", "mawps")}
+    assert all(TASKS[n].answer_kind == "number" for n in GROUPS["micro_math"])
+    assert TASKS["micro_obqa"].options == tuple(f"answer{i}" for i in range(1, 6))
+    assert TASKS["micro_siqa"].options == ("answer1", "answer2", "answer3")
+    assert TASKS["AQuA"].answer_kind == "letter" and TASKS["AQuA"].options == tuple("ABCDE")
+    assert all(t.local_dir == t.name for t in TASKS.values())
+
+
+def test_resolve_tasks_expands_groups_in_order_without_repeats():
+    got = resolve_tasks(["gsm8k", "paper_math", "micro_arc"])
+    assert [t.name for t in got] == list(GROUPS["paper_math"]) + ["micro_arc"]
+    assert [t.name for t in resolve_tasks("micro")] == list(GROUPS["micro"])
+    custom = Task("custom", "math", "number")
+    assert resolve_tasks([custom, "AddSub"]) == [custom, TASKS["AddSub"]]
+
+
+@pytest.mark.parametrize("name, suggestion", [("gsm8", "gsm8k"), ("arc-easy", "ARC-Easy"),
+                                              ("micro_commonsens", "micro_commonsense")])
+def test_unknown_names_get_a_suggestion(name, suggestion):
+    with pytest.raises(ValueError, match=f"did you mean '{suggestion}'"):
+        resolve_tasks([name])
+
+
+def test_get_task_rejects_groups_and_unknown_names():
+    assert get_task("boolq") is TASKS["boolq"]
+    with pytest.raises(ValueError, match="group"):
+        get_task("paper_math")
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("nonsense_xyz")
+    with pytest.raises(ValueError, match="no task"):
+        resolve_tasks([])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(domain="physics", answer_kind="number"), "domain"),
+    (dict(domain="math", answer_kind="float"), "answer_kind"),
+    (dict(domain="math", answer_kind="number", options=("a",)), "take no options"),
+    (dict(domain="commonsense", answer_kind="choice"), "need options"),
+    (dict(domain="math", answer_kind="number", suite="other"), "suite"),
+    (dict(domain="math", answer_kind="number", hf_converter="nope"), "converter"),
+])
+def test_task_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Task("bad", **kwargs)
+
+
+# --- micro tasks from a data root written here ------------------------------------------------------------
+
+def _micro_item(task: Task, i: int) -> dict:
+    if task.answer_kind == "number":
+        return {"instruction": f"What is {i} + 2?", "input": "", "output": f"{i} + 2 = {i + 2}. The answer is {i + 2}.",
+                "answer": str(i + 2)}
+    opts = task.options
+    label = opts[i % len(opts)]
+    return {"instruction": f"Pick one for item {i}.\n\nAnswer format: {'/'.join(opts)}", "input": "",
+            "output": f"the correct answer is {label}", "answer": label}
+
+
+@pytest.fixture
+def micro_root(tmp_path):
+    for name in GROUPS["micro"]:
+        for split, n in (("train", 6), ("test", 4)):
+            (tmp_path / name).mkdir(exist_ok=True)
+            items = [_micro_item(TASKS[name], i + (100 if split == "train" else 0)) for i in range(n)]
+            (tmp_path / name / f"{split}.json").write_text(json.dumps(items))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", GROUPS["micro"])
+def test_micro_tasks_load_and_score(name, micro_root):
+    task = TASKS[name]
+    items = load_items(task, data_root=micro_root)
+    assert [it["id"] for it in items] == [0, 1, 2, 3]
+    assert set(items[0]) == {"id", "instruction", "input", "output", "answer"}
+    assert len(load_items(name, data_root=micro_root, split="train")) == 6
+    assert len(load_items(name, data_root=micro_root, limit=2)) == 2
+    assert all(is_correct(task, it["output"], it["answer"]) for it in items)
+    assert not any(is_correct(task, _wrong_response(task, it), it["answer"]) for it in items)
+
+
+def test_load_items_errors(micro_root, tmp_path):
+    with pytest.raises(ValueError, match="needs data_root"):
+        load_items("micro_gsm")
+    with pytest.raises(FileNotFoundError, match="validation.json"):
+        load_items("micro_gsm", data_root=micro_root, split="validation")
+    with pytest.raises(ValueError, match="limit"):
+        load_items("micro_gsm", data_root=micro_root, limit=0)
+    (micro_root / "micro_gsm" / "test.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_items("micro_gsm", data_root=micro_root)
+    (micro_root / "micro_gsm" / "test.json").write_text(json.dumps([{"instruction": "x"}]))
+    with pytest.raises(ValueError, match=r"item 0 lacks \['answer'\]"):
+        load_items("micro_gsm", data_root=micro_root)
+    with pytest.raises(ValueError, match="did you mean 'micro_gsm'"):
+        load_items("micro_gsn", data_root=micro_root)
+
+
+def test_item_options():
+    boolq = TASKS["boolq"]
+    assert item_options(boolq, {"instruction": "q?\n\nAnswer format: true/false"}) == ("true", "false")
+    assert item_options(TASKS["AQuA"], {"instruction": "(A) 1 (B) 2"}) == tuple("ABCDE")
+    with pytest.raises(ValueError, match="not within"):
+        item_options(boolq, {"id": 7, "instruction": "q?\n\nAnswer format: yes/no"})
+    with pytest.raises(ValueError, match="numeric"):
+        item_options(TASKS["gsm8k"], {"instruction": "q"})
