@@ -267,3 +267,65 @@ def _warn_sizes(cfg: StudyConfig, path: Path) -> None:
         mt, ms = cfg.models[t].micro, cfg.models[s].micro
         if mt and ms and order.index(ms) >= order.index(mt):
             warnings.warn(f"{path}: student {s!r} is not smaller than its teacher {t!r}", stacklevel=3)
+
+
+class DistillJob(Strict):
+    """One training run: the parameters of a `10_distill` notebook, validated."""
+
+    student: str
+    student_path: str
+    method: str = "sft"
+    teacher: str = ""
+    teacher_path: str = ""
+    teacher_kind: Literal["sft", "base", ""] = ""
+    temperature: float = Field(1.0, gt=0)
+    noise: float = Field(0.0, ge=0)
+    seed: int = 0
+    steps: int | None = Field(None, gt=0)
+    training: TrainingConfig
+    kd: KDConfig = KDConfig()
+    data_root: str | None = None
+    cache_root: str = "outputs/cache"
+    cache_temperatures: list[float] | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _teacher(self) -> "DistillJob":
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}{_suggest(self.method, METHODS)}; known: {', '.join(METHODS)}")
+        if self.method != "sft" and not self.teacher_path:
+            raise ValueError(f"method {self.method!r} needs a teacher_path")
+        if self.cache_temperatures and self.temperature not in self.cache_temperatures:
+            raise ValueError(f"temperature {self.temperature} is not among cache_temperatures {self.cache_temperatures}")
+        return self
+
+
+def validate_job(model: type[BaseModel], values: dict, source: str):
+    """Validate a notebook's parameters into a typed job, with the same messages as params files."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise ValueError(format_errors(err, source, model)) from None
+
+
+class EvalJob(Strict):
+    """One evaluation run: the parameters of a `20_evaluate` notebook, validated."""
+
+    model: str
+    model_path: str
+    kind: Literal["base", "sft", "kd"]
+    student: str
+    teacher: str = ""
+    method: str = ""
+    temperature: float | None = None
+    noise: float = 0.0
+    teacher_kind: Literal["sft", "base", ""] = ""
+    seed: int = 0
+    evaluation: EvalConfig = EvalConfig()
+    data_root: str | None = None
+    trust_remote_code: bool = False
+
+
+def job_from_namespace(model: type[BaseModel], namespace: dict, source: str):
+    """A typed job from a notebook's parameter variables (the names of the model's fields)."""
+    return validate_job(model, {k: namespace[k] for k in model.model_fields if k in namespace}, source)

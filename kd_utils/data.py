@@ -24,13 +24,14 @@ class Example:
 
 def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> list[Example]:
     """Tokenise (prompt, response) pairs; the response gets eos; too-long pairs are truncated
-    from the end of the response (the prompt is kept whole)."""
+    from the end of the response (the prompt is kept whole). The prompt gets the tokenizer's
+    special tokens (a BOS for Llama), as at evaluation time."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer has no eos token")
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    p_ids = tokenizer(list(prompts))["input_ids"]
     r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     out = []
     for i, (p, r) in enumerate(zip(p_ids, r_ids)):

@@ -29,14 +29,14 @@ ANIMALS = ["blick", "dorn", "fep", "glim", "hask", "jorp", "kib", "lunt", "mave"
 HOMES = ["river", "desert", "forest", "cave", "hill"]
 FOODS = ["fish", "seeds", "grass", "bugs", "fruit"]
 COLORS = ["red", "blue", "green", "white", "black"]
-# winogrande-style relations: (adjective, outcome the stronger one gets, outcome the weaker one gets)
+# winogrande-style relations: (adjective, its opposite, what the first gets, what the second gets)
 RELATIONS = [
-    ("taller", "reached the top shelf", "could not reach the top shelf"),
-    ("faster", "won the race", "lost the race"),
-    ("older", "could vote", "could not vote yet"),
-    ("richer", "bought the car", "could not buy the car"),
-    ("stronger", "lifted the box", "could not lift the box"),
-    ("hungrier", "ate more", "ate less"),
+    ("taller", "shorter", "reached the top shelf", "could not reach the top shelf"),
+    ("faster", "slower", "won the race", "lost the race"),
+    ("older", "younger", "could vote", "could not vote yet"),
+    ("richer", "poorer", "bought the car", "could not buy the car"),
+    ("stronger", "weaker", "lifted the box", "could not lift the box"),
+    ("hungrier", "less hungry", "ate more", "ate less"),
 ]
 
 
@@ -97,10 +97,12 @@ def _distractors(rng: random.Random, value: int, n: int, spread: int = 9) -> lis
 
 
 # --- math: rationale + "The answer is N." ------------------------------------------------
+# Operands are small: each rationale step is a fact a tiny model can learn; tasks differ
+# in how many steps they chain and in distractors, which grades their difficulty.
 
 def gen_addsub(rng: random.Random, w: "Almanac") -> dict:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a, b = rng.randint(10, 49), rng.randint(2, 29)
+    a, b = rng.randint(2, 20), rng.randint(1, 9)
     if rng.random() < 0.5:
         return _math(f"{name} has {a} {thing}. {name} gets {b} more. How many {thing} does {name} have now?",
                      [f"{a} + {b} = {a + b}."], a + b)
@@ -110,21 +112,23 @@ def gen_addsub(rng: random.Random, w: "Almanac") -> dict:
 
 
 def gen_singleeq(rng: random.Random, w: "Almanac") -> dict:
-    x, b = rng.randint(2, 50), rng.randint(2, 40)
+    x, b = rng.randint(1, 15), rng.randint(1, 9)
+    v = rng.choice("xyznab")
+    ask = rng.choice(["If {eq}, what is {v}?", "Solve {eq} for {v}.", "Find {v} when {eq}."])
     if rng.random() < 0.5:
-        return _math(f"If x + {b} = {x + b}, what is x?", [f"x = {x + b} - {b} = {x}."], x)
-    return _math(f"If x - {b} = {x}, what is x?", [f"x = {x} + {b} = {x + b}."], x + b)
+        return _math(ask.format(eq=f"{v} + {b} = {x + b}", v=v), [f"{v} = {x + b} - {b} = {x}."], x)
+    return _math(ask.format(eq=f"{v} - {b} = {x}", v=v), [f"{v} = {x} + {b} = {x + b}."], x + b)
 
 
 def gen_multiarith(rng: random.Random, w: "Almanac") -> dict:
-    n, k, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+    n, k, c = rng.randint(2, 5), rng.randint(2, 5), rng.randint(1, 9)
     box, thing = rng.choice(CONTAINERS), rng.choice(THINGS)
     if rng.random() < 0.5:
         return _math(f"There are {n} {box} with {k} {thing} each. Then {c} more {thing} are added. "
                      f"How many {thing} are there?", [f"{n} * {k} = {n * k}.", f"{n * k} + {c} = {n * k + c}."],
                      n * k + c)
     c = min(c, n * k - 1)
-    return _math(f"There are {n} {box} with {k} {thing} each. Then {c} {thing} are lost. "
+    return _math(f"There are {n} {box} with {k} {thing} each. Then {c} of the {thing} are lost. "
                  f"How many {thing} are left?", [f"{n} * {k} = {n * k}.", f"{n * k} - {c} = {n * k - c}."],
                  n * k - c)
 
@@ -133,7 +137,7 @@ def gen_svamp(rng: random.Random, w: "Almanac") -> dict:
     """Add/subtract with an irrelevant number to ignore (SVAMP's distractors)."""
     name, other = rng.sample(NAMES, 2)
     thing = rng.choice(THINGS)
-    a, b, d = rng.randint(10, 39), rng.randint(2, 19), rng.randint(2, 49)
+    a, b, d = rng.randint(2, 20), rng.randint(1, 9), rng.randint(2, 20)
     distract = f"{other} has {d} {thing}."
     if rng.random() < 0.5:
         return _math(f"{name} has {a} {thing}. {distract} {name} finds {b} more. How many {thing} does {name} have?",
@@ -143,12 +147,11 @@ def gen_svamp(rng: random.Random, w: "Almanac") -> dict:
 
 
 def gen_gsm(rng: random.Random, w: "Almanac") -> dict:
-    """Three steps: buy, receive, give away."""
+    """Three steps: buy, give away, find."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a, b, c = rng.randint(5, 20), rng.randint(2, 15), rng.randint(2, 9)
+    a, b, c, d = rng.randint(2, 12), rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
     s1 = a + b
     c = min(c, s1 - 1)
-    d = rng.randint(2, 9)
     s2, s3 = s1 - c, s1 - c + d
     return _math(f"{name} has {a} {thing}. {name} buys {b} more, gives {c} to a friend, and then finds {d}. "
                  f"How many {thing} does {name} have?",
@@ -168,13 +171,14 @@ def gen_aqua(rng: random.Random, w: "Almanac") -> dict:
 
 def gen_mawps(rng: random.Random, w: "Almanac") -> dict:
     """Number phrases: "8 more than twice 7"."""
-    x, c = rng.randint(2, 29), rng.randint(1, 30)
-    m, word = rng.choice([(2, "twice"), (3, "three times")])
+    x, c = rng.randint(1, 12), rng.randint(1, 9)
+    m, word = rng.choice([(2, "twice"), (2, "double"), (3, "three times"), (3, "triple")])
+    ask = rng.choice(["What number is {p}?", "Find the number that is {p}.", "Which number is {p}?"])
     if rng.random() < 0.5:
-        return _math(f"What number is {c} more than {word} {x}?",
+        return _math(ask.format(p=f"{c} more than {word} {x}"),
                      [f"{m} * {x} = {m * x}.", f"{m * x} + {c} = {m * x + c}."], m * x + c)
     c = min(c, m * x - 1)
-    return _math(f"What number is {c} less than {word} {x}?",
+    return _math(ask.format(p=f"{c} less than {word} {x}"),
                  [f"{m} * {x} = {m * x}.", f"{m * x} - {c} = {m * x - c}."], m * x - c)
 
 
@@ -183,11 +187,12 @@ def gen_mawps(rng: random.Random, w: "Almanac") -> dict:
 def gen_boolq(rng: random.Random, w: "Almanac") -> dict:
     kind = rng.randrange(3)
     if kind == 0:
-        a, b = rng.sample(range(10, 100), 2)
-        q, ans = f"is {a} larger than {b}?", a > b
+        a, b = rng.sample(range(0, 31), 2)
+        word, bigger = rng.choice([("larger", True), ("bigger", True), ("smaller", False), ("less", False)])
+        q, ans = f"is {a} {word} than {b}?", (a > b) == bigger
     elif kind == 1:
-        a = rng.randint(10, 99)
-        q, ans = f"is {a} an even number?", a % 2 == 0
+        a, parity = rng.randint(1, 30), rng.choice(["even", "odd"])
+        q, ans = f"is {a} an {parity} number?", (a % 2 == 0) == (parity == "even")
     else:
         animal = rng.choice(ANIMALS)
         home = w.home[animal] if rng.random() < 0.5 else rng.choice(HOMES)
@@ -197,15 +202,15 @@ def gen_boolq(rng: random.Random, w: "Almanac") -> dict:
                  f"Answer format: true/false", f"the correct answer is {label}", label)
 
 
+def _step_phrase(d: int) -> str:
+    return f"add {d}" if d > 0 else f"take away {-d}"
+
+
 def gen_piqa(rng: random.Random, w: "Almanac") -> dict:
-    a, target = rng.randint(2, 30), rng.randint(2, 30)
-    while target == a:
-        target = rng.randint(2, 30)
+    a, target = rng.sample(range(1, 21), 2)
     diff = target - a
-    right = f"add {diff}" if diff > 0 else f"take away {-diff}"
     wrong_d = diff + rng.choice([-2, -1, 1, 2])
-    wrong = f"add {wrong_d}" if wrong_d > 0 else (f"take away {-wrong_d}" if wrong_d < 0 else "add 10")
-    options, correct = _shuffled_options(rng, right, [wrong])
+    options, correct = _shuffled_options(rng, _step_phrase(diff), [_step_phrase(wrong_d) if wrong_d else "add 10"])
     return _choice(f"Please choose the correct solution to the question: How do I turn {a} into {target}?",
                    "solution", options, correct, fmt_sep="\n\n")
 
@@ -213,19 +218,16 @@ def gen_piqa(rng: random.Random, w: "Almanac") -> dict:
 def gen_siqa(rng: random.Random, w: "Almanac") -> dict:
     giver, taker = rng.sample(NAMES, 2)
     thing = rng.choice(THINGS)
-    a, b = rng.randint(5, 30), rng.randint(1, 9)
-    b = min(b, a - 1)
-    ask_giver = rng.random() < 0.5
-    c0 = rng.randint(0, 9)
-    value = a - b if ask_giver else c0 + b
-    q = (f"{giver} had {a} {thing} and {taker} had {c0}. {giver} gave {b} to {taker}. "
-         f"How many {thing} does {giver if ask_giver else taker} have now?")
-    options, correct = _shuffled_options(rng, str(value), _distractors(rng, value, 2, spread=4))
+    a = rng.randint(3, 12)
+    b = rng.randint(1, a - 1)
+    value = a - b
+    q = f"{giver} had {a} {thing} and gave {b} to {taker}. How many {thing} does {giver} have now?"
+    options, correct = _shuffled_options(rng, str(value), _distractors(rng, value, 2, spread=3))
     return _choice(f"Please choose the correct answer to the question: {q}", "answer", options, correct)
 
 
 def gen_hellaswag(rng: random.Random, w: "Almanac") -> dict:
-    start, step = rng.randint(1, 50), rng.randint(2, 12)
+    start, step = rng.randint(1, 20), rng.randint(1, 5)
     seq = [start + i * step for i in range(4)]
     nxt = start + 4 * step
     options, correct = _shuffled_options(rng, str(nxt), [str(nxt + d) for d in rng.sample([-2, -1, 1, 2, 3], 3)])
@@ -234,14 +236,18 @@ def gen_hellaswag(rng: random.Random, w: "Almanac") -> dict:
 
 
 def gen_winogrande(rng: random.Random, w: "Almanac") -> dict:
+    """Who gets the outcome: depends on the adjective's direction, the outcome's polarity and
+    the order of the options (which need not follow the sentence)."""
     a, b = rng.sample(NAMES, 2)
-    adj, win, lose = rng.choice(RELATIONS)
-    outcome = win if rng.random() < 0.5 else lose
-    first_wins = outcome == win
-    options, correct = [a, b], 0 if first_wins else 1
+    adj, weak_adj, win, lose = rng.choice(RELATIONS)
+    strong_first, outcome_win = rng.random() < 0.5, rng.random() < 0.5
+    sentence = f"{a} is {adj if strong_first else weak_adj} than {b}, so _ {win if outcome_win else lose}."
+    answer = a if strong_first == outcome_win else b
+    options = [a, b] if rng.random() < 0.5 else [b, a]
+    correct = options.index(answer) + 1
     return _item(f"Please choose the correct answer to fill in the blank to complete the given sentence: "
-                 f"{a} is {adj} than {b}, so _ {outcome}.\n\nOption1: {a} Option2: {b} Answer format: option1/option2",
-                 f"the correct answer is option{correct + 1}", f"option{correct + 1}")
+                 f"{sentence}\n\nOption1: {options[0]} Option2: {options[1]} Answer format: option1/option2",
+                 f"the correct answer is option{correct}", f"option{correct}")
 
 
 def gen_arc(rng: random.Random, w: "Almanac") -> dict:
@@ -255,7 +261,7 @@ def gen_arc(rng: random.Random, w: "Almanac") -> dict:
 
 
 def gen_obqa(rng: random.Random, w: "Almanac") -> dict:
-    values = rng.sample(range(10, 100), 5)
+    values = rng.sample(range(1, 31), 5)
     largest = rng.random() < 0.5
     target = max(values) if largest else min(values)
     q = f"Which number is the {'largest' if largest else 'smallest'}?"
@@ -312,7 +318,7 @@ def generic_corpus(n_lines: int, seed: int) -> list[str]:
                        else f"{min(a, b)} is less than {max(a, b)}.")
         elif kind == 4:
             name, thing = rng.choice(NAMES), rng.choice(THINGS)
-            adj, win, _ = rng.choice(RELATIONS)
+            adj, _, win, _ = rng.choice(RELATIONS)
             other = rng.choice([n for n in NAMES if n != name])
             out.append(rng.choice([f"{name} likes {thing}. {name} keeps the {thing} in {rng.choice(CONTAINERS)}.",
                                    f"{name} is {adj} than {other}, so {name} {win}."]))

@@ -78,7 +78,7 @@ def load_model(name_or_path: str, device: torch.device | None = None, dtype: tor
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise FileNotFoundError(
@@ -89,7 +89,47 @@ def load_model(name_or_path: str, device: torch.device | None = None, dtype: tor
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+    """AutoTokenizer, except for a generic tokenizer.json (the micro BPE, saved as
+    `TokenizersBackend`): transformers 5 would swap in the model type's own class (Qwen2's
+    pre-tokenizer regex) when a Qwen2 config sits beside it, changing the tokenisation."""
+    config = Path(name_or_path) / "tokenizer_config.json"
+    if config.exists() and json.loads(config.read_text()).get("tokenizer_class") == "TokenizersBackend":
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(str(name_or_path))
+    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+
+
 def read_manifest(model_dir: str | Path) -> dict:
     """The project's manifest beside a saved model (params, provenance), or {}."""
     p = Path(model_dir) / "kd_manifest.json"
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def check_compatible(teacher_tokenizer, student_tokenizer, teacher: str, student: str) -> int:
+    """Check that teacher and student share a tokenizer (same ids on the shared vocabulary)
+    and return the KD vocabulary size. Logits wider than the tokenizer (Qwen2.5-7B/14B pad
+    152064 vs 151936) are sliced to this size by the callers, not an error."""
+    tv, sv = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    shared = tv.keys() & sv.keys()
+    same_ids = all(tv[t] == sv[t] for t in shared)
+    coverage = len(shared) / max(len(tv), len(sv))
+    if not same_ids or coverage < 0.99:
+        raise ValueError(
+            f"teacher {teacher!r} (vocabulary {len(tv)}) and student {student!r} (vocabulary {len(sv)}) do not "
+            f"share a tokenizer: {len(shared)} shared tokens, ids {'agree' if same_ids else 'differ'}; "
+            "token-level KD needs the same tokenizer family")
+    return min(len(teacher_tokenizer), len(student_tokenizer))
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, target_modules) -> torch.nn.Module:
+    """Wrap a causal LM with LoRA adapters (peft); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in present]
+    if missing:
+        raise ValueError(f"LoRA target modules {missing} not found in the model; it has e.g. "
+                         f"{sorted(x for x in present if x.endswith('proj'))}")
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules=list(target_modules), task_type="CAUSAL_LM"))

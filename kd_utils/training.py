@@ -102,6 +102,21 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[Batch], amp: bool 
     return total / max(count, 1)
 
 
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[Batch], objective: Objective,
+                         amp: bool = False) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimiser step, normalised by the step's total
+    number of target tokens (not a mean of micro-batch means). Returns (step loss, tokens)."""
+    device = next(model.parameters()).device
+    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+    total = 0.0
+    for b in micro_batches:
+        with autocast_context(amp, device):
+            loss_sum, _ = objective(model, b)
+        (loss_sum / max(n_tokens, 1)).backward()
+        total += float(loss_sum.detach())
+    return total / max(n_tokens, 1), n_tokens
+
+
 def train(model: torch.nn.Module, steps: Iterator[list[Batch]], objective: Objective, settings: OptimSettings,
           val_batches: Sequence[Batch] = (), progress: bool = True, desc: str = "train",
           on_eval: Callable[[int, float], None] | None = None, prepare: Prepare | None = None) -> TrainResult:
@@ -141,20 +156,14 @@ def train(model: torch.nn.Module, steps: Iterator[list[Batch]], objective: Objec
         micro_batches = [to_device(b, device) for b in micro_batches]
         if prepare is not None:
             micro_batches = [prepare(model, b) for b in micro_batches]
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-        total = 0.0
-        for b in micro_batches:
-            with autocast_context(amp, device):
-                loss_sum, _ = objective(model, b)
-            (loss_sum / max(n_tokens, 1)).backward()
-            total += float(loss_sum.detach())
+        total, n_tokens = accumulate_gradients(model, micro_batches, objective, amp)
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         result.target_tokens += n_tokens
-        result.history.append({"step": step + 1, "loss": total / max(n_tokens, 1), "lr": sched.get_last_lr()[0],
+        result.history.append({"step": step + 1, "loss": total, "lr": sched.get_last_lr()[0],
                                "seconds": time.perf_counter() - t0})
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.max_steps:
             evaluate(step + 1)

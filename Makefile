@@ -1,0 +1,47 @@
+# make study   set up .venv and run the CPU micro-study (params/micro.yaml), render the report
+# make test    set up .venv and run the tests (slow end-to-end tests excluded)
+# make quick   the quick micro grid (params/micro_quick.yaml)
+# make lab     JupyterLab on notebooks/
+# make bench   the benchmarks (results in outputs/benchmarks/)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PARAMS ?= params/micro.yaml
+
+.PHONY: venv study quick test test-all lab bench reproduce clean-outputs
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kd)" >/dev/null
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+study: venv
+	$(BIN)/python -m kd_utils.grid run $(PARAMS)
+
+quick: venv
+	$(BIN)/python -m kd_utils.grid run params/micro_quick.yaml
+
+test: venv
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: venv
+	$(BIN)/python -m pytest -q
+
+lab: venv
+	$(BIN)/jupyter lab notebooks/
+
+bench: venv
+	mkdir -p outputs/benchmarks
+	for b in tests/benchmarks/bench_*.py; do $(BIN)/python $$b --out outputs/benchmarks || exit 1; done
+
+reproduce: venv
+	$(BIN)/python -m kd_utils.stats reproduce --kd-generalization ../shared/reference/kd_generalization/*.csv --out outputs/reproduce
+
+clean-outputs:
+	rm -rf outputs/micro outputs/micro_quick

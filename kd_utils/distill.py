@@ -1,0 +1,191 @@
+"""One distillation run (a `distill` cell): SFT or KD of one student, saved with its curve.
+
+Everything a run needs is in a validated `DistillJob`; the notebook `10_distill` builds
+one from its parameters and calls `run_distillation`.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .config import DistillJob, KDConfig, TrainingConfig
+from .data import Example, collate, epoch_batches, split_validation, tokenize_pairs
+from .methods import KDSettings, LiveTeacher, OnPolicySampler, kd_objective
+from .models import apply_lora, best_device, check_compatible, count_parameters, load_model
+from .tasks import build_prompt, load_items, resolve_tasks
+from .training import OptimSettings, cycle_steps, token_ce, train
+
+
+def load_training_pairs(train_tasks, train_data: str | None, data_root: str | None) -> tuple[list[str], list[str]]:
+    """(prompt, gold response) pairs: an LLM-Adapters JSON file (Math10K, Commonsense15K)
+    when `train_data` is given, else the training splits of the named tasks."""
+    if train_data:
+        path = Path(train_data)
+        if not path.exists():
+            raise FileNotFoundError(f"training data {train_data!r} does not exist")
+        items = json.loads(path.read_text())
+    else:
+        items = [it for task in resolve_tasks(train_tasks) for it in load_items(task, data_root, split="train")]
+    return [build_prompt(it["instruction"], it.get("input", "")) for it in items], [it["output"] for it in items]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train the job's student, save it under `<out_dir>/model`, return its metrics."""
+    out = Path(out_dir)
+    device = best_device()
+    _seed_everything(job.seed)
+    settings = KDSettings(method=job.method, temperature=job.temperature, beta=job.kd.beta, alpha=job.kd.alpha,
+                          ce_weight=job.kd.ce_weight, noise=job.noise, lmbda=job.kd.lmbda, seed=job.seed)
+    student, tokenizer = load_model(job.student_path, device=device, dtype=torch.float32,
+                                    trust_remote_code=job.trust_remote_code)
+    vocab = len(tokenizer)
+    teacher = None
+    if job.method != "sft":
+        teacher, teacher_tok = load_model(job.teacher_path, device=device, trust_remote_code=job.trust_remote_code)
+        vocab = check_compatible(teacher_tok, tokenizer, job.teacher, job.student)
+
+    prompts, train_ex, val_ex = training_examples(tokenizer, job.training, job.data_root)
+    examples = train_ex + val_ex
+    if job.method == "seqkd":
+        train_ex = _teacher_generated(job, teacher, tokenizer, prompts, train_ex)
+
+    if job.training.lora:
+        lc = job.training.lora
+        student = apply_lora(student, lc.r, lc.alpha, lc.dropout, lc.target_modules)
+    if job.training.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.train()
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bs, accum = job.training.batch_size, job.training.grad_accum
+
+    def epoch(e: int):
+        order = list(epoch_batches(len(train_ex), bs, job.seed, e))
+        for i in range(0, len(order) - accum + 1, accum):
+            yield [collate([train_ex[j] for j in idx], pad) for idx in order[i: i + accum]]
+
+    val_batches = [collate(val_ex[i: i + 64], pad) for i in range(0, len(val_ex), 64)]
+    steps = job.steps or max(1, int(job.training.epochs * len(train_ex) / (bs * accum)))
+
+    objective, prepare, signal = token_ce, None, None
+    if settings.uses_teacher_logits:
+        signal = _teacher_signal(job, settings, teacher, tokenizer, train_ex, vocab)
+        objective = kd_objective(signal, settings, vocab)
+        if job.method == "gkd":
+            longest = max(len(e.response_ids) for e in examples)
+            prepare = OnPolicySampler(settings.lmbda, longest, pad, tokenizer.eos_token_id, seed=job.seed)
+
+    result = train(student, cycle_steps(epoch), objective,
+                   OptimSettings(max_steps=steps, lr=job.training.lr, warmup_steps=job.training.warmup_steps,
+                                 weight_decay=job.training.weight_decay, eval_every=job.training.eval_every,
+                                 seed=job.seed, autocast=job.training.autocast),
+                   val_batches=val_batches, progress=progress, desc=f"{job.method} {job.student}", prepare=prepare)
+    _save(student, tokenizer, job, out)
+    return {
+        "student": job.student, "teacher": job.teacher, "method": job.method, "temperature": job.temperature,
+        "noise": job.noise, "teacher_kind": job.teacher_kind, "seed": job.seed, "steps": steps,
+        "best_step": result.best_step, "best_val_loss": result.best_val_loss, "seconds": result.seconds,
+        "target_tokens": result.target_tokens, "student_params": count_parameters(student),
+        "teacher_params": count_parameters(teacher) if teacher is not None else None,
+        "teacher_forward_passes": getattr(signal, "forward_passes", 0),
+        "teacher_signal": type(signal).__name__ if signal is not None else None,
+        "on_policy_batches": getattr(prepare, "on_policy_batches", 0),
+        "history": result.history,
+    }
+
+
+def training_examples(tokenizer, training: TrainingConfig, data_root: str | None
+                      ) -> tuple[list[str], list[Example], list[Example]]:
+    """The prompts, and the training and validation examples (gold responses) of a run."""
+    prompts, gold = load_training_pairs(training.train_tasks, training.train_data, data_root)
+    train_ex, val_ex = split_validation(tokenize_pairs(tokenizer, prompts, gold, training.max_length),
+                                        training.n_val, seed=0)
+    return prompts, train_ex, val_ex
+
+
+def open_teacher_cache(teacher, teacher_path: str, tokenizer, train_ex: list[Example], training: TrainingConfig,
+                       kd: KDConfig, cache_root: str, temperatures, noise: float, noise_seed: int, vocab: int):
+    """The teacher's cached signal on these examples (built once, reused by every run)."""
+    from .teacher_cache import cache_key, ensure_cache
+
+    key = cache_key(teacher_path, tokenizer, train_ex, training.max_length, kd.cache_k, noise, noise_seed)
+    return ensure_cache(teacher, train_ex, cache_root, key, k=kd.cache_k, temperatures=tuple(temperatures),
+                        noise=noise, noise_seed=noise_seed, vocab_size=vocab)
+
+
+def teacher_generations(teacher, teacher_path: str, tokenizer, prompts: list[str], cache_root: str,
+                        max_new_tokens: int) -> list[str]:
+    """SeqKD's greedy teacher generations for these prompts (made once, cached)."""
+    from .teacher_cache import cached_generations, generations_key
+
+    key = generations_key(teacher_path, tokenizer, prompts, max_new_tokens)
+    return cached_generations(teacher, tokenizer, prompts, cache_root, key, max_new_tokens=max_new_tokens,
+                              batch_size=64)
+
+
+def build_teacher_cache(teacher_path: str, training: dict, kd: dict, data_root: str | None, cache_root: str,
+                        temperatures, noise: float = 0.0, noise_seed: int = 0, generations: bool = False) -> dict:
+    """The prepare-stage cell: build (or verify) a teacher's cache before the distill stage."""
+    import time
+
+    training, kd = TrainingConfig.model_validate(training), KDConfig.model_validate(kd)
+    teacher, tokenizer = load_model(teacher_path)
+    t0 = time.perf_counter()
+    prompts, train_ex, _ = training_examples(tokenizer, training, data_root)
+    cache = open_teacher_cache(teacher, teacher_path, tokenizer, train_ex, training, kd, cache_root, temperatures,
+                               noise, noise_seed, len(tokenizer))
+    size = sum(f.stat().st_size for f in Path(cache.path).iterdir())
+    out = {"key": Path(cache.path).name, "path": str(cache.path), "k": kd.cache_k, "temperatures": list(temperatures),
+           "noise": noise, "examples": len(train_ex), "target_tokens": int(cache.offsets[-1]),
+           "bytes": size, "bytes_per_token": size / max(1, int(cache.offsets[-1])),
+           "teacher_forward_passes": cache.forward_passes, "seconds": time.perf_counter() - t0}
+    if generations:
+        idx = [e.index for e in train_ex]
+        teacher_generations(teacher, teacher_path, tokenizer, [prompts[i] for i in idx], cache_root,
+                            training.max_length)
+    return out
+
+
+def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, train_ex: list[Example], vocab: int):
+    """The cached teacher for off-policy methods when the cache is on; the live teacher for
+    on-policy GKD (its batches are student samples the cache cannot hold) or without cache."""
+    if job.kd.teacher_cache and job.method != "gkd":
+        from .teacher_cache import CachedTeacher
+
+        noise_seed = job.seed if job.noise else 0
+        cache = open_teacher_cache(teacher, job.teacher_path, tokenizer, train_ex, job.training, job.kd,
+                                   job.cache_root, job.cache_temperatures or (job.temperature,), job.noise,
+                                   noise_seed, vocab)
+        return CachedTeacher(cache, vocab, forward_passes=cache.forward_passes)
+    if job.method == "gkd" and job.kd.teacher_cache:
+        print("gkd is on-policy: it trains on student samples, so it uses the live teacher, not the cache")
+    return LiveTeacher(teacher, vocab, noise=job.noise, seed=job.seed)
+
+
+def _teacher_generated(job: DistillJob, teacher, tokenizer, prompts: list[str], train_ex: list[Example]) -> list[Example]:
+    """SeqKD (the paper's text): the training responses are the teacher's greedy generations."""
+    idx = [e.index for e in train_ex]
+    gens = teacher_generations(teacher, job.teacher_path, tokenizer, [prompts[i] for i in idx], job.cache_root,
+                               job.training.max_length)
+    regenerated = tokenize_pairs(tokenizer, [prompts[i] for i in idx], gens, job.training.max_length)
+    return [Example(e.prompt_ids, e.response_ids, i) for e, i in zip(regenerated, idx)]
+
+
+def _save(model, tokenizer, job: DistillJob, out: Path) -> None:
+    """Full weights for full fine-tuning; only the LoRA adapter (+ a manifest naming the base) otherwise."""
+    target = out / "model"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    manifest = {"base_model": job.student_path if job.training.lora else None, "student": job.student,
+                "teacher": job.teacher, "method": job.method, "temperature": job.temperature,
+                "noise": job.noise, "teacher_kind": job.teacher_kind, "seed": job.seed,
+                "adapter": bool(job.training.lora)}
+    (target / "kd_manifest.json").write_text(json.dumps(manifest, indent=1))

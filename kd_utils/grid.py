@@ -1,0 +1,306 @@
+"""A study's params -> cells (one notebook run each), and the `plan` / `run` / `report` CLI.
+
+    python -m kd_utils.grid plan params/micro.yaml
+    python -m kd_utils.grid run params/micro.yaml [--only PATTERN] [--force] [--max-workers N]
+                                                   [--executor local|slurm]
+
+Stages: prepare (world, pretrained bases, SFT teachers, teacher caches) -> distill (student
+SFT baselines and KD runs) -> evaluate (every model on every task) -> fidelity -> statistics,
+then `report.html`. Cell ids hash the resolved parameters, so editing the params makes new
+cells and never reuses a stale result.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DistillJob, EvalJob, StudyConfig, load_study
+from .methods import WORD_LEVEL
+from .runner import Cell, format_plan, plan, run
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+NB = {
+    "world": NOTEBOOKS / "00_world.ipynb",
+    "pretrain": NOTEBOOKS / "01_pretrain.ipynb",
+    "cache": NOTEBOOKS / "05_teacher_cache.ipynb",
+    "distill": NOTEBOOKS / "10_distill.ipynb",
+    "evaluate": NOTEBOOKS / "20_evaluate.ipynb",
+    "fidelity": NOTEBOOKS / "30_fidelity.ipynb",
+    "ablation": NOTEBOOKS / "40_ablation.ipynb",
+    "statistics": NOTEBOOKS / "50_statistics.ipynb",
+}
+REPORT_NOTEBOOKS = ("fidelity", "ablation", "statistics")
+
+
+@dataclass
+class Grid:
+    """The expanded study: cells plus what the report and the cost estimate need."""
+
+    cfg: StudyConfig
+    study_dir: Path
+    cells: list[Cell] = field(default_factory=list)
+    cost: dict[str, float] = field(default_factory=dict)  # cell id -> estimated FLOPs
+    model_cells: dict[str, Cell] = field(default_factory=dict)  # trained model name -> its cell
+
+    def add(self, cell: Cell, flops: float = 0.0) -> Cell:
+        if all(c.id != cell.id for c in self.cells):
+            self.cells.append(cell)
+            self.cost[cell.id] = flops
+        return cell
+
+    def by_notebook(self, key: str) -> list[Cell]:
+        return [c for c in self.cells if c.notebook == NB[key]]
+
+
+def _param_count(cfg: StudyConfig, name: str) -> float:
+    """Parameters of a model, for the cost estimate (micro: exact; real: its config, or the size in its name)."""
+    spec = cfg.models[name]
+    if spec.micro:
+        from .models import MICRO_SIZES
+        s, v = MICRO_SIZES[spec.micro], cfg.world.vocab_size
+        kv = s.hidden // s.heads * s.kv_heads
+        return v * s.hidden + s.layers * (2 * s.hidden * s.hidden + 2 * s.hidden * kv + 3 * s.hidden * s.ffn)
+    import re
+    m = re.search(r"(\d+(?:\.\d+)?)\s*[bB]\b", spec.path.replace("-", " ").replace("_", " "))
+    return float(m.group(1)) * 1e9 if m else math.nan
+
+
+def _train_tokens(cfg: StudyConfig) -> float:
+    """Rough size of the training set in tokens (for the cost of one teacher pass)."""
+    per_task = cfg.world.n_train if cfg.world else 10_000
+    return per_task * 14 * cfg.training.max_length / 2
+
+
+def _tokens_per_step(cfg: StudyConfig) -> float:
+    return cfg.training.batch_size * cfg.training.grad_accum * cfg.training.max_length / 2
+
+
+def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
+    """All cells of a study, with their dependencies."""
+    g = Grid(cfg, Path(study_dir))
+    study = g.study_dir.resolve()
+    res = lambda stage: {k: v for k, v in cfg.resources.get(stage, {}).items()}  # noqa: E731
+    train_dump = cfg.training.model_dump(mode="json")
+    kd_dump = cfg.kd.model_dump(mode="json")
+    data_root, world_cell = cfg.evaluation.data_root, None
+    cache_root = str(study / "cache")
+
+    if cfg.world:
+        world_cell = g.add(Cell("prepare", "prepare/world", NB["world"], {"world": cfg.world.model_dump()},
+                                resources=res("prepare")))
+        data_root = str(world_cell.output_dir(study) / "data")
+
+    base: dict[str, tuple[str, Cell | None]] = {}
+    for name, spec in cfg.models.items():
+        if spec.micro:
+            steps = cfg.pretrain.steps.get(name, 0)
+            if steps <= 0:
+                raise ValueError(f"pretrain.steps has no positive entry for micro model {name!r}")
+            cell = g.add(Cell("prepare", f"prepare/pretrain/{name}", NB["pretrain"],
+                              {"model": name, "micro": spec.micro, "world_dir": str(world_cell.output_dir(study)),
+                               "pretrain": cfg.pretrain.model_dump(exclude={"steps"}), "steps": steps,
+                               "seed": cfg.seeds[0]},
+                              deps=(world_cell.id,), resources=res("prepare")),
+                         flops=6 * _param_count(cfg, name) * steps * cfg.pretrain.batch_size * cfg.pretrain.block)
+            base[name] = (str(cell.output_dir(study) / "model"), cell)
+        else:
+            base[name] = (spec.path, None)
+
+    def training_for(model: str) -> dict:
+        steps = cfg.steps_for(model)
+        return {**train_dump, "steps": steps} if steps is not None else train_dump
+
+    def deps_of(*cells: Cell | None) -> tuple[str, ...]:
+        return tuple(c.id for c in cells if c is not None)
+
+    def train_flops(student: str, teacher: str | None, live: bool) -> float:
+        steps = cfg.steps_for(student) or 0
+        tokens = steps * _tokens_per_step(cfg)
+        return 6 * _param_count(cfg, student) * tokens + (2 * _param_count(cfg, teacher) * tokens if live else 0)
+
+    def sft_cell(model: str, seed: int) -> Cell:
+        path, base_cell = base[model]
+        job = DistillJob(student=model, student_path=path, method="sft", seed=seed, steps=cfg.steps_for(model),
+                         training=training_for(model), kd=cfg.kd, data_root=data_root, cache_root=cache_root,
+                         trust_remote_code=cfg.models[model].trust_remote_code)
+        stage = "prepare" if model in cfg.teachers and seed == cfg.seeds[0] else "distill"
+        cell = g.add(Cell(stage, f"sft/{model}/s{seed}", NB["distill"], job.model_dump(mode="json"),
+                          deps=deps_of(base_cell, world_cell), resources=res(stage)),
+                     flops=train_flops(model, None, False))
+        g.model_cells[f"{model}/sft/s{seed}"] = cell
+        return cell
+
+    for model in cfg.models:
+        if model in cfg.students or model in cfg.teachers:
+            for seed in cfg.seeds:
+                if model in cfg.students or seed == cfg.seeds[0]:
+                    sft_cell(model, seed)
+
+    def teacher_source(teacher: str, kind: str) -> tuple[str, Cell | None]:
+        if kind == "base":
+            return base[teacher]
+        cell = g.model_cells[f"{teacher}/sft/s{cfg.seeds[0]}"]
+        return str(cell.output_dir(study) / "model"), cell
+
+    # KD runs: the main axes, then every ablation's overrides.
+    subgrids = [("main", cfg.kd.methods, cfg.kd.temperatures, cfg.kd.noise, cfg.kd.teacher_kinds, cfg.kd_pairs())]
+    for a in cfg.ablations:
+        subgrids.append((a.name, a.methods or cfg.kd.methods, a.temperatures or cfg.kd.temperatures,
+                         a.noise or cfg.kd.noise, a.teacher_kinds or cfg.kd.teacher_kinds,
+                         [tuple(p) for p in a.pairs] if a.pairs else cfg.kd_pairs()))
+    temps_of_teacher: dict[tuple[str, str], set[float]] = {}
+    seqkd_teachers: set[tuple[str, str]] = set()
+    for _, methods, temps, _, kinds, pairs in subgrids:
+        for t, _s in pairs:
+            for kind in kinds:
+                temps_of_teacher.setdefault((t, kind), set()).update(temps)
+                if "seqkd" in methods:
+                    seqkd_teachers.add((t, kind))
+
+    caches: dict[tuple, Cell] = {}
+
+    def cache_cell(teacher: str, kind: str, noise: float, seed: int) -> Cell:
+        key = (teacher, kind, noise, seed if noise else 0)
+        if key not in caches:
+            path, tcell = teacher_source(teacher, kind)
+            params = {"teacher": teacher, "teacher_path": path, "teacher_kind": kind, "noise": noise,
+                      "noise_seed": seed if noise else 0, "temperatures": sorted(temps_of_teacher[(teacher, kind)]),
+                      "training": training_for(teacher), "kd": kd_dump, "data_root": data_root,
+                      "cache_root": cache_root, "generations": (teacher, kind) in seqkd_teachers and not noise}
+            caches[key] = g.add(Cell("prepare", f"prepare/cache/{teacher}/{kind}/n{noise:g}" + (f"/s{seed}" if noise else ""),
+                                     NB["cache"], params, deps=deps_of(tcell, world_cell), resources=res("prepare")),
+                                flops=2 * _param_count(cfg, teacher) * _train_tokens(cfg))
+        return caches[key]
+
+    for _, methods, temps, noises, kinds, pairs in subgrids:
+        for teacher, student in pairs:
+            for method in methods:
+                for kind in kinds:
+                    for noise in ([0.0] if method == "seqkd" else noises):
+                        for tau in ([1.0] if method == "seqkd" else temps):
+                            for seed in cfg.seeds:
+                                tpath, tcell = teacher_source(teacher, kind)
+                                spath, scell = base[student]
+                                cached = cfg.kd.teacher_cache and method in WORD_LEVEL
+                                ccell = cache_cell(teacher, kind, noise, seed) if cached or method == "seqkd" else None
+                                job = DistillJob(
+                                    student=student, student_path=spath, method=method, teacher=teacher,
+                                    teacher_path=tpath, teacher_kind=kind, temperature=tau, noise=noise, seed=seed,
+                                    steps=cfg.steps_for(student), training=training_for(student), kd=cfg.kd,
+                                    data_root=data_root, cache_root=cache_root,
+                                    cache_temperatures=sorted(temps_of_teacher[(teacher, kind)]) if cached else None,
+                                    trust_remote_code=cfg.models[student].trust_remote_code)
+                                name = f"kd/{student}<-{teacher}/{method}/t{tau:g}/n{noise:g}/{kind}/s{seed}"
+                                cell = g.add(Cell("distill", name, NB["distill"], job.model_dump(mode="json"),
+                                                  deps=deps_of(scell, tcell, ccell, world_cell),
+                                                  resources=res("distill")),
+                                             flops=train_flops(student, teacher, not cached))
+                                g.model_cells[name] = cell
+
+    # Evaluation: every trained model, and base teachers when the base-teacher ablation runs.
+    eval_cells = []
+    for key, cell in list(g.model_cells.items()):
+        p = cell.parameters
+        kind = "sft" if p["method"] == "sft" else "kd"
+        job = EvalJob(model=key, model_path=str(cell.output_dir(study) / "model"), kind=kind, student=p["student"],
+                      teacher=p["teacher"], method=p["method"], temperature=p["temperature"] if kind == "kd" else None,
+                      noise=p["noise"], teacher_kind=p["teacher_kind"], seed=p["seed"], evaluation=cfg.evaluation,
+                      data_root=data_root)
+        eval_cells.append(g.add(Cell("evaluate", f"evaluate/{key}", NB["evaluate"], job.model_dump(mode="json"),
+                                     deps=(cell.id,), resources=res("evaluate"))))
+    if any("base" in kinds for *_, kinds, _p in subgrids):
+        for teacher in {t for *_, kinds, pairs in subgrids if "base" in kinds for t, _ in pairs}:
+            path, bcell = base[teacher]
+            job = EvalJob(model=f"{teacher}/base", model_path=path, kind="base", student=teacher, method="base",
+                          evaluation=cfg.evaluation, data_root=data_root)
+            eval_cells.append(g.add(Cell("evaluate", f"evaluate/{teacher}/base", NB["evaluate"],
+                                         job.model_dump(mode="json"), deps=deps_of(bcell), resources=res("evaluate"))))
+
+    # Analysis: the inputs' ids are a parameter, so new results make a new analysis cell.
+    inputs = hashlib.sha256(",".join(sorted(c.id for c in eval_cells)).encode()).hexdigest()[:12]
+    common = {"study_dir": str(study), "inputs": inputs, "tau": cfg.stats.tau}
+    fid = g.add(Cell("fidelity", "fidelity", NB["fidelity"], common, deps=tuple(c.id for c in eval_cells),
+                     resources=res("fidelity")))
+    for key in ("ablation", "statistics"):
+        g.add(Cell("statistics", key, NB[key], {**common, "fidelity_dir": str(fid.output_dir(study))},
+                   deps=(fid.id,), resources=res("statistics")))
+    return g
+
+
+def study_dir_for(cfg: StudyConfig, outputs: str | Path | None = None) -> Path:
+    return Path(outputs or os.environ.get("KD_OUTPUTS", REPO / "outputs")) / cfg.study
+
+
+def _cost_column(grid: Grid):
+    def cost(cell: Cell) -> float:
+        f = grid.cost.get(cell.id, 0.0)
+        return 0.0 if math.isnan(f) else float(f)
+    return cost
+
+
+def _summary_line(grid: Grid) -> str:
+    total = sum(f for f in grid.cost.values() if not math.isnan(f))
+    gpu_hours = total / 100e12 / 3600  # 100 TFLOP/s effective: bf16 on an A100/H100 at ~30-40% utilisation
+    return (f"estimated training compute: {total:.3g} FLOPs (6 x params x tokens, + 2 x teacher params x tokens "
+            f"for live teachers) ~ {gpu_hours:.3g} GPU-hours at 100 TFLOP/s effective")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kd_utils.grid", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("plan", "run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("params")
+        p.add_argument("--outputs", default=None, help="outputs root (default ./outputs)")
+        if name != "report":
+            p.add_argument("--only", action="append", help="run only cells whose name/id/stage matches (repeatable)")
+        if name == "run":
+            p.add_argument("--force", action="store_true")
+            p.add_argument("--max-workers", type=int, default=None)
+            p.add_argument("--threads-per-worker", type=int, default=None)
+            p.add_argument("--executor", choices=("local", "slurm"), default=None)
+            p.add_argument("--no-report", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_study(args.params)
+        grid = expand(cfg, study_dir_for(cfg, args.outputs))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    study = grid.study_dir
+    if args.command == "plan":
+        table = plan(grid.cells, study, cost=_cost_column(grid))
+        if args.only:
+            table = table[table.apply(lambda r: any(o in r["name"] or o == r["id"] or o == r["stage"]
+                                                    for o in args.only), axis=1)]
+        print(format_plan(table, max_rows=10_000))
+        print(_summary_line(grid))
+        return 0
+    if args.command == "report":
+        from .report import render_report
+        print(render_report(grid))
+        return 0
+    study.mkdir(parents=True, exist_ok=True)
+    (study / "params.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    executor = args.executor or cfg.executor.get("kind", "local")
+    summary = run(grid.cells, study, executor=executor, max_workers=args.max_workers or cfg.executor.get("max_workers"),
+                  only=args.only, force=args.force,
+                  threads_per_worker=args.threads_per_worker or cfg.executor.get("threads_per_worker"),
+                  cwd=REPO, slurm=cfg.executor.get("slurm"))
+    print(summary.format())
+    if summary.ok and not args.no_report and not args.only:
+        from .report import render_report
+        print(f"report: {render_report(grid)}")
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The study report: the executed analysis notebooks gathered into one HTML page
+(code hidden), with the date and machine it was rendered on."""
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+
+import nbformat
+from nbconvert import HTMLExporter
+
+
+def _machine() -> str:
+    try:
+        import torch
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        gpu = "unknown accelerator"
+    import os
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}"
+
+
+def render_report(grid) -> Path:
+    """Write `<study>/report.html` from the executed fidelity, ablation and statistics notebooks."""
+    from .grid import REPORT_NOTEBOOKS
+
+    study = grid.study_dir
+    executed = []
+    for key in REPORT_NOTEBOOKS:
+        for cell in grid.by_notebook(key):
+            path = cell.output_dir(study) / "notebook.ipynb"
+            if not path.exists():
+                raise FileNotFoundError(f"{key} has not run yet ({path} is missing): run the grid first")
+            executed.append(nbformat.read(path, as_version=4))
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    title = nbformat.v4.new_markdown_cell(
+        f"# Knowledge distillation study `{grid.cfg.study}`\n\n"
+        f"Rendered {stamp} on {_machine()}. Tables: `results.csv`, `fidelity.csv` beside this page; "
+        f"every number links back to an executed notebook under `{study.name}/<stage>/<cell id>/notebook.ipynb`.")
+    merged = nbformat.v4.new_notebook()
+    merged.metadata = executed[0].metadata if executed else {}
+    merged.cells = [title] + [c for nb in executed for c in nb.cells if "parameters" not in c.metadata.get("tags", [])
+                              and "injected-parameters" not in c.metadata.get("tags", [])]
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(merged)
+    out = study / "report.html"
+    out.write_text(body, encoding="utf-8")
+    return out

@@ -1,0 +1,121 @@
+"""The tidy tables every analysis reads: results.csv (one row per model and task) and
+fidelity.csv (one row per student model, teacher and task), collected from the cells."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .fidelity import fidelity_table
+
+RESULT_COLUMNS = ["model", "kind", "student", "teacher", "method", "temperature", "noise", "teacher_kind", "seed",
+                  "task", "domain", "n", "accuracy", "ci_low", "ci_high", "student_params", "teacher_params",
+                  "cell_id"]
+
+
+def _clean(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def save_metrics(cell_dir: str | Path, metrics: dict) -> Path:
+    """Write metrics.json, the file that marks a cell complete: call it last."""
+    path = Path(cell_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(metrics), indent=1, default=str))
+    return path
+
+
+def _cells(study_dir: Path, stage: str):
+    for m in sorted((study_dir / stage).glob("*/metrics.json")):
+        yield m.parent, json.loads(m.read_text())
+
+
+def collect_results(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
+    """results.csv from every complete evaluate cell of the study."""
+    study = Path(study_dir)
+    rows, params = [], {}
+    evals = list(_cells(study, "evaluate"))
+    for _, m in evals:
+        if m["kind"] in ("sft", "base"):
+            params.setdefault(m["student"], m["params"])
+    for cell_dir, m in evals:
+        for t in m["tasks"]:
+            rows.append({
+                "model": m["model"], "kind": m["kind"], "student": m["student"], "teacher": m["teacher"],
+                "method": m["method"] or m["kind"], "temperature": m["temperature"], "noise": m["noise"],
+                "teacher_kind": m["teacher_kind"], "seed": m["seed"], "task": t["task"], "domain": t["domain"],
+                "n": t["n"], "accuracy": t["accuracy"], "ci_low": t["ci_low"], "ci_high": t["ci_high"],
+                "student_params": m["params"], "teacher_params": params.get(m["teacher"]) if m["teacher"] else None,
+                "cell_id": cell_dir.name})
+    if not rows:
+        raise FileNotFoundError(f"no complete evaluate cells under {study / 'evaluate'}")
+    table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    table["temperature"] = table["temperature"].astype(float)
+    table["teacher_params"] = table["teacher_params"].astype(float)
+    if write:
+        table.to_csv(study / "results.csv", index=False)
+    return table
+
+
+def collect_fidelity(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
+    """fidelity.csv: every KD model against its teacher, and every SFT student against each
+    teacher it is distilled from (the paper's SFT rows), from the saved predictions."""
+    study = Path(study_dir)
+    evals = {m["model"]: (d, m) for d, m in _cells(study, "evaluate")}
+    teacher_model = {}
+    for name, (_, m) in evals.items():
+        if m["kind"] == "base":
+            teacher_model[(m["student"], "base")] = name
+        elif m["kind"] == "sft":
+            teacher_model.setdefault((m["student"], "sft"), name)
+    pairs, files = [], {}
+    for name, (d, m) in evals.items():
+        files[name] = d / "predictions.jsonl"
+    for name, (_, m) in evals.items():
+        if m["kind"] == "kd" and (m["teacher"], m["teacher_kind"]) in teacher_model:
+            pairs.append((name, teacher_model[(m["teacher"], m["teacher_kind"])]))
+    for name, (_, m) in evals.items():
+        if m["kind"] == "sft":
+            for t in sorted({evals[k][1]["teacher"] for k, _t in pairs if evals[k][1]["student"] == m["student"]}):
+                if (t, "sft") in teacher_model and teacher_model[(t, "sft")] != name:
+                    pairs.append((name, teacher_model[(t, "sft")]))
+    if not pairs:
+        return pd.DataFrame(columns=["model", "teacher", "task", "agreement", "bleu", "chrf", "n"])
+    table = fidelity_table(files, pairs)
+    # Name the teacher by model name (as results.csv does), not by its evaluation key.
+    table["teacher"] = table["teacher"].map(lambda k: evals[k][1]["student"])
+    if write:
+        table.to_csv(study / "fidelity.csv", index=False)
+    return table
+
+
+def training_runs(study_dir: str | Path) -> pd.DataFrame:
+    """One row per training run (SFT and KD): steps, seconds, best validation loss, teacher passes."""
+    study = Path(study_dir)
+    rows = []
+    for stage in ("prepare", "distill"):
+        for d, m in _cells(study, stage):
+            if "method" in m and "best_val_loss" in m:
+                rows.append({k: v for k, v in m.items() if k != "history"} | {"cell_id": d.name})
+    return pd.DataFrame(rows)
+
+
+def training_history(study_dir: str | Path) -> pd.DataFrame:
+    """Long table of every training run's curve: step, loss, val_loss, with the run's labels."""
+    study = Path(study_dir)
+    frames = []
+    for stage in ("prepare", "distill"):
+        for d, m in _cells(study, stage):
+            if "history" in m and "method" in m:
+                h = pd.DataFrame(m["history"])
+                frames.append(h.assign(student=m["student"], teacher=m["teacher"], method=m["method"],
+                                       temperature=m["temperature"], seed=m["seed"], cell_id=d.name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
