@@ -742,10 +742,13 @@ def run(
     only: substrings or glob patterns matched against cell names, ids and stages; deps outside the
         selection must already be complete, else the cell is reported "blocked".
     force: re-run selected complete cells; an old result is replaced only by a successful new one.
-    executor: "local" (max_workers processes x threads_per_worker threads) or "slurm" (one submitit
-        job per cell with the cell's resources; ``slurm`` holds submitit slurm_* parameters without
-        the prefix, e.g. {"partition": "gpu", "additional_parameters": {...}}; max_workers caps the
-        jobs in flight; wait_timeout_s cancels jobs not finished that long after submission).
+    executor: "local": max_workers worker processes x threads_per_worker threads, by default as many
+        workers as fit the cores (and memory, given cells' mem_gb) with threads = the largest
+        resources["cpus"] (default 1). "slurm": one submitit job per cell with the cell's cpus, gpus,
+        mem_gb and time_min (default SLURM_DEFAULT_TIME_MIN); ``slurm`` holds submitit's slurm_*
+        parameters without the prefix, e.g. {"partition": "gpu", "additional_parameters": {...}};
+        max_workers caps the jobs in flight; wait_timeout_s cancels jobs unfinished that long after
+        submission. The local executor ignores ``slurm`` and ``wait_timeout_s``.
     cwd: the kernel's working directory; default the notebook's folder (as in Jupyter).
     Failed cells leave ``<stage>/<id>.failed/``; cells depending on them are "blocked";
     a cell held by another live runner is "locked". Returns the summary; ``summary.ok`` is False
@@ -753,8 +756,6 @@ def run(
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    if executor != "slurm" and (slurm is not None or wait_timeout_s is not None):
-        raise ValueError("slurm options and wait_timeout_s need executor='slurm'")
     for label, value in (("max_workers", max_workers), ("threads_per_worker", threads_per_worker)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{label} must be a positive int, got {value!r}")
