@@ -20,16 +20,33 @@ from .training import OptimSettings, cycle_steps, token_ce, train
 
 
 def load_training_pairs(train_tasks, train_data: str | None, data_root: str | None) -> tuple[list[str], list[str]]:
-    """(prompt, gold response) pairs: an LLM-Adapters JSON file (Math10K, Commonsense15K)
-    when `train_data` is given, else the training splits of the named tasks."""
+    """(prompt, gold response) pairs: an LLM-Adapters JSON file (Math10K, Commonsense15K) or a
+    hub dataset id with instruction/input/output columns when `train_data` is given, else the
+    training splits of the named tasks."""
     if train_data:
-        path = Path(train_data)
-        if not path.exists():
-            raise FileNotFoundError(f"training data {train_data!r} does not exist")
-        items = json.loads(path.read_text())
+        items = _read_training_data(train_data)
     else:
         items = [it for task in resolve_tasks(train_tasks) for it in load_items(task, data_root, split="train")]
     return [build_prompt(it["instruction"], it.get("input", "")) for it in items], [it["output"] for it in items]
+
+
+def _read_training_data(train_data: str) -> list[dict]:
+    path = Path(train_data)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"training data file {train_data!r} does not exist")
+        return json.loads(path.read_text())
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(train_data, split="train")
+    except Exception as err:  # datasets raises several types for a missing/unreachable dataset
+        raise FileNotFoundError(f"training data {train_data!r} is neither a local JSON file nor a loadable hub "
+                                f"dataset ({err.__class__.__name__}); give a local LLM-Adapters JSON path") from err
+    missing = {"instruction", "output"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"hub dataset {train_data!r} lacks columns {sorted(missing)}")
+    return [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
 
 
 def _seed_everything(seed: int) -> None:

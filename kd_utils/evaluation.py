@@ -13,12 +13,12 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Mapping, Iterator, Sequence
 
 import pandas as pd
 import torch
 from statsmodels.stats.proportion import proportion_confint
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from kd_utils.tasks import (MAX_NEW_TOKENS, Task, build_prompt, extract_answer, format_answer,
                             is_correct, item_options, load_items, resolve_tasks)
@@ -202,15 +202,23 @@ def _summary(task: Task, scorer: str, flags: list[bool]) -> dict:
             "accuracy": 100.0 * k / n, "ci_low": 100.0 * low, "ci_high": 100.0 * high}
 
 
+def _budget(max_new_tokens: int | Mapping[str, int] | None, domain: str) -> int:
+    """New-token budget of a domain: an int for all, a per-domain dict, or the registry default."""
+    if isinstance(max_new_tokens, Mapping):
+        return int(max_new_tokens.get(domain, MAX_NEW_TOKENS[domain]))
+    return int(max_new_tokens or MAX_NEW_TOKENS[domain])
+
+
 def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_dir: str | Path | None = None,
-             limit: int | None = None, batch_size: int = 32, max_new_tokens: int | None = None,
+             limit: int | None = None, batch_size: int = 32, max_new_tokens: int | Mapping[str, int] | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_beams: int = 1, seed: int = 0, stop_strings: Sequence[str] | None = None,
              scorer: str = "generate", progress: bool = True) -> pd.DataFrame:
     """Zero-shot accuracy per task (names, groups or `Task`s), with a 95% Wilson interval.
 
     Returns one row per task: task, domain, scorer, n, correct, accuracy, ci_low, ci_high
-    (percentages 0-100). `limit` keeps each task's first items; `max_new_tokens` None uses
+    (percentages 0-100). `limit` keeps each task's first items; `max_new_tokens` is an int,
+    a dict per domain, or None, which uses
     `tasks.MAX_NEW_TOKENS[domain]`. scorer "generate" decodes and extracts the answer;
     "loglik"/"loglik_norm" pick the option with the highest log-likelihood (acc/acc_norm).
     With `out_dir`, writes predictions.jsonl (one line per item) and accuracy.csv.
@@ -223,7 +231,7 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
         prompts = [build_prompt(it["instruction"], it["input"]) for it in items]
         if scorer == "generate":
             outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task.domain],
+                               max_new_tokens=_budget(max_new_tokens, task.domain),
                                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                num_beams=num_beams, seed=seed, stop_strings=stop_strings,
                                progress=progress, desc=task.name)

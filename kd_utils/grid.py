@@ -72,10 +72,46 @@ def _param_count(cfg: StudyConfig, name: str) -> float:
     return float(m.group(1)) * 1e9 if m else math.nan
 
 
+def _train_examples(cfg: StudyConfig) -> int:
+    """Training examples: the micro world's, the data file's when it is here, else 10k (Math10K-sized)."""
+    if cfg.world:
+        from .tasks import resolve_tasks
+        return cfg.world.n_train * len(resolve_tasks(cfg.training.train_tasks))
+    data = cfg.training.train_data
+    if data and Path(data).is_file():
+        return len(json.loads(Path(data).read_text()))
+    return 10_000
+
+
 def _train_tokens(cfg: StudyConfig) -> float:
     """Rough size of the training set in tokens (for the cost of one teacher pass)."""
-    per_task = cfg.world.n_train if cfg.world else 10_000
-    return per_task * 14 * cfg.training.max_length / 2
+    return _train_examples(cfg) * cfg.training.max_length / 2
+
+
+def _steps(cfg: StudyConfig, model: str) -> float:
+    """Optimizer steps of a run: given, or epochs over the training set."""
+    steps = cfg.steps_for(model)
+    if steps is not None:
+        return steps
+    return cfg.training.epochs * _train_examples(cfg) / (cfg.training.batch_size * cfg.training.grad_accum)
+
+
+def _eval_tokens(cfg: StudyConfig) -> float:
+    """Tokens one model reads and writes in evaluation (prompt ~ half of max_length, plus the budget)."""
+    from .tasks import MAX_NEW_TOKENS, load_items, resolve_tasks
+    total = 0.0
+    for task in resolve_tasks(cfg.evaluation.tasks):
+        if cfg.world:
+            n = cfg.world.n_test
+        else:
+            try:
+                n = len(load_items(task, cfg.evaluation.data_root))
+            except (FileNotFoundError, ValueError):
+                n = 1000
+        n = min(n, cfg.evaluation.limit or n)
+        budget = cfg.evaluation.max_new_tokens.get(task.domain, MAX_NEW_TOKENS[task.domain])
+        total += n * (cfg.training.max_length / 2 + budget)
+    return total * len(cfg.evaluation.sample_seeds if cfg.evaluation.decoding == "sample" else [0])
 
 
 def _tokens_per_step(cfg: StudyConfig) -> float:
@@ -121,8 +157,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         return tuple(c.id for c in cells if c is not None)
 
     def train_flops(student: str, teacher: str | None, live: bool) -> float:
-        steps = cfg.steps_for(student) or 0
-        tokens = steps * _tokens_per_step(cfg)
+        tokens = _steps(cfg, student) * _tokens_per_step(cfg)
         return 6 * _param_count(cfg, student) * tokens + (2 * _param_count(cfg, teacher) * tokens if live else 0)
 
     def sft_cell(model: str, seed: int) -> Cell:
@@ -206,6 +241,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
 
     # Evaluation: every trained model, and base teachers when the base-teacher ablation runs.
     eval_cells = []
+    eval_tokens = _eval_tokens(cfg)
     for key, cell in list(g.model_cells.items()):
         p = cell.parameters
         kind = "sft" if p["method"] == "sft" else "kd"
@@ -214,14 +250,16 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                       noise=p["noise"], teacher_kind=p["teacher_kind"], seed=p["seed"], evaluation=cfg.evaluation,
                       data_root=data_root)
         eval_cells.append(g.add(Cell("evaluate", f"evaluate/{key}", NB["evaluate"], job.model_dump(mode="json"),
-                                     deps=(cell.id,), resources=res("evaluate"))))
+                                     deps=(cell.id,), resources=res("evaluate")),
+                                flops=2 * _param_count(cfg, p["student"]) * eval_tokens))
     if any("base" in kinds for *_, kinds, _p in subgrids):
         for teacher in {t for *_, kinds, pairs in subgrids if "base" in kinds for t, _ in pairs}:
             path, bcell = base[teacher]
             job = EvalJob(model=f"{teacher}/base", model_path=path, kind="base", student=teacher, method="base",
                           evaluation=cfg.evaluation, data_root=data_root)
             eval_cells.append(g.add(Cell("evaluate", f"evaluate/{teacher}/base", NB["evaluate"],
-                                         job.model_dump(mode="json"), deps=deps_of(bcell), resources=res("evaluate"))))
+                                         job.model_dump(mode="json"), deps=deps_of(bcell), resources=res("evaluate")),
+                                    flops=2 * _param_count(cfg, teacher) * eval_tokens))
 
     # Analysis: the inputs' ids are a parameter, so new results make a new analysis cell.
     inputs = hashlib.sha256(",".join(sorted(c.id for c in eval_cells)).encode()).hexdigest()[:12]
@@ -248,8 +286,9 @@ def _cost_column(grid: Grid):
 def _summary_line(grid: Grid) -> str:
     total = sum(f for f in grid.cost.values() if not math.isnan(f))
     gpu_hours = total / 100e12 / 3600  # 100 TFLOP/s effective: bf16 on an A100/H100 at ~30-40% utilisation
-    return (f"estimated training compute: {total:.3g} FLOPs (6 x params x tokens, + 2 x teacher params x tokens "
-            f"for live teachers) ~ {gpu_hours:.3g} GPU-hours at 100 TFLOP/s effective")
+    return (f"estimated compute: {total:.3g} FLOPs (training 6 x params x tokens, + 2 x teacher params x tokens "
+            f"for live teachers and cache builds; evaluation 2 x params x tokens) ~ {gpu_hours:.3g} GPU-hours at "
+            f"100 TFLOP/s effective (generation is memory-bound and runs slower: read this as a lower bound)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,8 @@ def load_model(name_or_path: str, device: torch.device | None = None, dtype: tor
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
     if looks_local and not path.exists():
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    if (path / "adapter_config.json").exists():
+        return _load_adapter(path, device, dtype, trust_remote_code, allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code,
@@ -87,6 +89,19 @@ def load_model(name_or_path: str, device: torch.device | None = None, dtype: tor
             f"Give a local path or download it first. ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from err
     return model.to(device).eval(), tokenizer
+
+
+def _load_adapter(path: Path, device: torch.device, dtype, trust_remote_code: bool, allow_pickle: bool):
+    """A saved LoRA adapter: its base model (named in the manifest) plus the adapter, merged."""
+    from peft import PeftModel
+
+    base = read_manifest(path).get("base_model")
+    if not base:
+        raise FileNotFoundError(f"{path} holds a LoRA adapter but its kd_manifest.json names no base_model")
+    model, _ = load_model(base, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle)
+    merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return merged.to(device).eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):

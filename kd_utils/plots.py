@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 METHOD_ORDER = ["fkl", "rkl", "gjsd", "skew_fkl", "skew_rkl", "tvd", "seqkd", "gkd"]
 

@@ -20,6 +20,13 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}"
 
 
+def _without_stderr(cell):
+    """Progress bars and warnings stay in the executed notebooks and logs, not in the report."""
+    if cell.cell_type == "code":
+        cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+    return cell
+
+
 def render_report(grid) -> Path:
     """Write `<study>/report.html` from the executed fidelity, ablation and statistics notebooks."""
     from .grid import REPORT_NOTEBOOKS
@@ -39,8 +46,8 @@ def render_report(grid) -> Path:
         f"every number links back to an executed notebook under `{study.name}/<stage>/<cell id>/notebook.ipynb`.")
     merged = nbformat.v4.new_notebook()
     merged.metadata = executed[0].metadata if executed else {}
-    merged.cells = [title] + [c for nb in executed for c in nb.cells if "parameters" not in c.metadata.get("tags", [])
-                              and "injected-parameters" not in c.metadata.get("tags", [])]
+    merged.cells = [title] + [_without_stderr(c) for nb in executed for c in nb.cells
+                              if not {"parameters", "injected-parameters"} & set(c.metadata.get("tags", []))]
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(merged)
     out = study / "report.html"

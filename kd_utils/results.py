@@ -25,12 +25,11 @@ def _clean(value):
     return value
 
 
-def save_metrics(cell_dir: str | Path, metrics: dict) -> Path:
+def save_metrics(cell_dir: str | Path, metrics: dict) -> None:
     """Write metrics.json, the file that marks a cell complete: call it last."""
     path = Path(cell_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_clean(metrics), indent=1, default=str))
-    return path
 
 
 def _cells(study_dir: Path, stage: str):

@@ -9,10 +9,11 @@ example's positions in order): the teacher's top-k logits (fp16) and token ids (
 vocabulary fits, else int32), and for EACH requested temperature tau the full-vocabulary
 log-normalizer ``logZ_tau = logsumexp(z / tau)`` (fp32). Values are stored shifted by their
 position's maximum logit (softmax is shift-invariant; logZ carries the same shift), so the top
-token is exactly 0 and fp16 keeps ~5e-4 relative precision where the mass is; logZ is computed
+token is exactly 0 and fp16 keeps ~5e-4 relative precision where the mass is. logZ is computed
 with the top-k logits as stored (fp16-rounded) and the others exact, so the cached head and tail
-describe one distribution (at k = V the head sums to 1 and no spurious tail mass appears). Teacher logits wider than the tokenizer are sliced to
-``vocab_size`` first. k >= vocab_size stores the whole distribution (k = vocab_size).
+describe one distribution (at k = V the head sums to 1: no spurious tail mass). Teacher logits
+wider than the tokenizer are sliced to ``vocab_size`` first. k >= vocab_size stores the whole
+distribution (k = vocab_size).
 
 Temperature: the top-k set is the same at every tau (softmax(z / tau) is monotone in z), so one
 set of raw logits serves all temperatures; ``sparse_kd_loss`` tempers them (``z / tau - logZ_tau``).
@@ -49,7 +50,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -155,12 +156,12 @@ class TeacherCache:
     """
 
     path: Path
-    manifest: dict
-    values: torch.Tensor  # [N, k] float16, logits minus the position's max
-    ids: torch.Tensor  # [N, k] int16 / int32
-    logz: torch.Tensor  # [N, n_temperatures] float32, shifted like values
-    offsets: torch.Tensor  # [n_examples + 1] int64
-    index: torch.Tensor  # [n_examples] int64, strictly increasing
+    manifest: dict = field(repr=False)
+    values: torch.Tensor = field(repr=False)  # [N, k] float16, logits minus the position's max
+    ids: torch.Tensor = field(repr=False)  # [N, k] int16 / int32
+    logz: torch.Tensor = field(repr=False)  # [N, n_temperatures] float32, shifted like values
+    offsets: torch.Tensor = field(repr=False)  # [n_examples + 1] int64
+    index: torch.Tensor = field(repr=False)  # [n_examples] int64, strictly increasing
     forward_passes: int = 0
 
     @property
@@ -269,8 +270,8 @@ def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab
     values = (top - top[:, :1]).half()
     # logZ over the full vocabulary with the top-k logits AS STORED (fp16): head and tail are one
     # consistent distribution, so at k = V the head sums to 1 and no spurious tail appears.
-    y = (z - top[:, :1]).scatter_(-1, ids, values.float())
-    logz = torch.stack([(y / 1.0).logsumexp(-1) for t in temperatures], dim=-1)
+    y = z.sub_(top[:, :1]).scatter_(-1, ids, values.float())  # in place: z is a private copy
+    logz = torch.stack([(y if t == 1.0 else y / t).logsumexp(-1) for t in temperatures], dim=-1)
     return values.cpu(), ids.to(_id_dtype(vocab_size)).cpu(), logz.cpu()
 
 

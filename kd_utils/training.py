@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import IGNORE
 

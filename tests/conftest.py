@@ -1,0 +1,75 @@
+"""Shared fixtures of the core-module tests: one tiny micro world with its BPE tokenizer
+(`world`), and on top of it a briefly trained micro-s teacher and a random micro-xs student,
+both saved to disk like the study's models (`micro`). Built once per test session."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kd_utils.data import collate, epoch_batches, tokenize_pairs
+from kd_utils.microworld import generic_corpus, write_world
+from kd_utils.models import build_micro_model
+from kd_utils.tasks import build_prompt, format_response, load_items
+from kd_utils.tokenization import train_bpe_tokenizer
+from kd_utils.training import OptimSettings, cycle_steps, token_ce, train
+
+# Two math and two multiple-choice tasks: every code path, a few hundred examples.
+TASKS = ["micro_addsub", "micro_gsm", "micro_boolq", "micro_arc"]
+MAX_LENGTH = 160
+VOCAB = 512
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: extra intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pairs(items: list[dict]) -> tuple[list[str], list[str]]:
+    """(prompts, training responses) of LLM-Adapters items, as the study builds them."""
+    return ([build_prompt(it["instruction"], it["input"]) for it in items],
+            [format_response(it["output"]) for it in items])
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """data_root (TASKS: 60 train / 20 test items each), a BPE tokenizer (vocab 512) trained on
+    generic text and the training pairs, saved in tok_dir; `examples`: tokenised train pairs."""
+    root = tmp_path_factory.mktemp("world")
+    write_world(root / "data", n_train=60, n_test=20, seed=0, tasks=TASKS)
+    train_items = [it for t in TASKS for it in load_items(t, root / "data", "train")]
+    test_items = [it for t in TASKS for it in load_items(t, root / "data", "test")]
+    prompts, responses = pairs(train_items)
+    tok = train_bpe_tokenizer(generic_corpus(1000, 0) + prompts + responses, VOCAB, root / "tok")
+    return SimpleNamespace(root=root, data_root=root / "data", tasks=TASKS, max_length=MAX_LENGTH, tok=tok,
+                           tok_dir=root / "tok", vocab=len(tok), pad=tok.pad_token_id, eos=tok.eos_token_id,
+                           train_items=train_items, test_items=test_items,
+                           examples=tokenize_pairs(tok, prompts, responses, MAX_LENGTH))
+
+
+@pytest.fixture(scope="session")
+def micro(world, tmp_path_factory):
+    """`world` plus: teacher (micro-s, 150 steps of SFT on the examples, eval mode, saved with
+    the tokenizer in teacher_dir), student_dir (a random micro-xs saved with the tokenizer) and
+    `heldout`: collated batches of the test-split pairs (never trained on)."""
+    root = tmp_path_factory.mktemp("models")
+    w, pad = world, world.pad
+    teacher = build_micro_model("micro-s", w.vocab, seed=1, eos_token_id=w.eos, pad_token_id=pad)
+    steps = cycle_steps(lambda ep: ([collate([w.examples[i] for i in b], pad)]
+                                    for b in epoch_batches(len(w.examples), 16, 0, ep)))
+    train(teacher, steps, token_ce, OptimSettings(max_steps=150, lr=5e-3, warmup_steps=10, eval_every=10**6),
+          progress=False)
+    teacher.eval().save_pretrained(root / "teacher")
+    w.tok.save_pretrained(root / "teacher")
+    student = build_micro_model("micro-xs", w.vocab, seed=2, eos_token_id=w.eos, pad_token_id=pad)
+    student.save_pretrained(root / "student")
+    w.tok.save_pretrained(root / "student")
+    test_examples = tokenize_pairs(w.tok, *pairs(w.test_items), MAX_LENGTH)
+    heldout = [collate(test_examples[i: i + 40], pad) for i in range(0, len(test_examples), 40)]
+    return SimpleNamespace(**vars(w), teacher=teacher, teacher_dir=root / "teacher",
+                           student_dir=root / "student", heldout=heldout)

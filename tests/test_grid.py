@@ -1,0 +1,136 @@
+"""The grid: params -> cells, dependencies, stable ids, validation before compute, the CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_utils.config import load_study
+from kd_utils.grid import NB, expand, main
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params"
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    cfg = load_study(PARAMS / "micro.yaml")
+    return cfg, expand(cfg, tmp_path_factory.mktemp("study"))
+
+
+def test_every_dependency_is_a_cell_of_the_grid(micro):
+    _, g = micro
+    ids = {c.id for c in g.cells}
+    assert all(d in ids for c in g.cells for d in c.deps)
+    assert len(ids) == len(g.cells)
+
+
+def test_stages_follow_the_paper_pipeline(micro):
+    cfg, g = micro
+    stages = {c.stage for c in g.cells}
+    assert stages == {"prepare", "distill", "evaluate", "fidelity", "statistics"}
+    # SFT'd teachers are prepared before the distill stage; students' SFT baselines are distill cells.
+    for c in g.cells:
+        if c.name.startswith("sft/"):
+            model = c.parameters["student"]
+            assert c.stage == ("prepare" if model in cfg.teachers else "distill")
+
+
+def test_kd_cells_cover_pairs_methods_and_temperatures(micro):
+    cfg, g = micro
+    main_kd = [c for c in g.cells if c.name.startswith("kd/") and c.parameters["noise"] == 0
+               and c.parameters["teacher_kind"] == "sft"]
+    expected = {(t, s, m, tau) for t, s in cfg.kd_pairs() for m in cfg.kd.methods for tau in cfg.kd.temperatures}
+    got = {(c.parameters["teacher"], c.parameters["student"], c.parameters["method"], c.parameters["temperature"])
+           for c in main_kd}
+    assert expected <= got
+
+
+def test_ablations_add_noise_and_base_teacher_cells(micro):
+    _, g = micro
+    noisy = [c for c in g.cells if c.name.startswith("kd/") and c.parameters["noise"] > 0]
+    base = [c for c in g.cells if c.name.startswith("kd/") and c.parameters["teacher_kind"] == "base"]
+    assert {c.parameters["noise"] for c in noisy} == {1.0, 5.0}
+    assert base and all("/pretrain/" in c.parameters["teacher_path"].replace("\\", "/") or
+                        c.parameters["teacher_path"].endswith("model") for c in base)
+    assert any(c.name.endswith("/base") and c.stage == "evaluate" for c in g.cells)
+
+
+def test_off_policy_kd_depends_on_the_teacher_cache_and_gkd_does_not(micro):
+    _, g = micro
+    caches = {c.id for c in g.cells if c.notebook == NB["cache"]}
+    for c in g.cells:
+        if c.name.startswith("kd/"):
+            uses_cache = bool(caches & set(c.deps))
+            assert uses_cache == (c.parameters["method"] != "gkd"), c.name
+
+
+def test_one_cache_cell_per_teacher_and_noise_level(micro):
+    _, g = micro
+    keys = [(c.parameters["teacher"], c.parameters["teacher_kind"], c.parameters["noise"])
+            for c in g.cells if c.notebook == NB["cache"]]
+    assert len(keys) == len(set(keys))
+
+
+def test_ids_are_stable_and_change_only_with_what_determines_a_cell(tmp_path):
+    cfg = load_study(PARAMS / "micro.yaml")
+    a = {c.name: c.id for c in expand(cfg, tmp_path).cells}
+    assert a == {c.name: c.id for c in expand(load_study(PARAMS / "micro.yaml"), tmp_path).cells}
+    raw = yaml.safe_load((PARAMS / "micro.yaml").read_text())
+    raw["training"]["steps"]["micro-xs"] += 1
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    b = {c.name: c.id for c in expand(load_study(path), tmp_path).cells}
+    assert a["sft/micro-xs/s0"] != b["sft/micro-xs/s0"]
+    assert a["sft/micro-l/s0"] == b["sft/micro-l/s0"]  # the teacher is untouched
+    assert a["fidelity"] != b["fidelity"]  # the analysis reads new results
+
+
+def test_plan_prints_stages_and_a_cost_estimate(tmp_path, capsys):
+    assert main(["plan", str(PARAMS / "micro_quick.yaml"), "--outputs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("prepare", "distill", "evaluate", "fidelity", "statistics"):
+        assert f"{stage}:" in out
+    assert "estimated compute" in out and "GPU-hours" in out
+    assert not (tmp_path / "micro_quick").exists()  # planning computes nothing
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PARAMS.glob("paper_*.yaml")))
+def test_paper_presets_plan_offline(preset, tmp_path, capsys):
+    assert main(["plan", str(PARAMS / preset), "--outputs", str(tmp_path)]) == 0
+    assert "GPU-hours" in capsys.readouterr().out
+
+
+def test_paper_presets_hold_the_papers_eleven_pairs():
+    pairs = set()
+    for p in PARAMS.glob("paper_*_math.yaml"):
+        cfg = load_study(p)
+        pairs |= set(cfg.kd_pairs())
+        assert cfg.training.lora is not None and cfg.training.lora.r == 8 and cfg.training.lr == 3e-4
+        assert cfg.training.batch_size * cfg.training.grad_accum == 16 and cfg.training.max_length == 256
+        assert sorted(cfg.kd.temperatures) == [1.0, 2.0, 5.0]
+    assert len(pairs) == 11
+
+
+def test_a_params_typo_fails_before_any_compute_with_a_suggestion(tmp_path):
+    raw = yaml.safe_load((PARAMS / "micro_quick.yaml").read_text())
+    raw["training"]["learning_rate"] = raw["training"].pop("lr")
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "kd_utils.grid", "run", str(path), "--outputs", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "training.learning_rate" in proc.stderr and "unknown key" in proc.stderr
+    assert not (tmp_path / "micro_quick").exists()
+
+
+def test_an_unknown_method_is_named_with_a_suggestion(tmp_path):
+    raw = yaml.safe_load((PARAMS / "micro_quick.yaml").read_text())
+    raw["kd"]["methods"] = ["fkl", "rkll"]
+    path = tmp_path / "method.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"rkll.*did you mean 'rkl'"):
+        load_study(path)

@@ -1,0 +1,389 @@
+"""The offline teacher cache on a tiny real setup (conftest's `micro`): micro world data, a BPE
+tokenizer and a micro-s teacher trained 150 steps (peaked, not random)."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kd_utils import evaluation
+from kd_utils import teacher_cache as TC
+from kd_utils.data import IGNORE, collate, epoch_batches, tokenize_pairs
+from kd_utils.losses import OBJECTIVES
+from kd_utils.methods import KDSettings, LiveTeacher, kd_objective
+from kd_utils.models import build_micro_model
+from kd_utils.tasks import build_prompt, format_response
+from kd_utils.training import OptimSettings, cycle_steps, train
+
+TEMPS = (1.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def setup(micro):
+    """conftest's micro world and trained micro-s teacher, plus the training pairs' text."""
+    prompts = [build_prompt(it["instruction"], it["input"]) for it in micro.train_items]
+    responses = [format_response(it["output"]) for it in micro.train_items]
+    return SimpleNamespace(**vars(micro), prompts=prompts, responses=responses)
+
+
+def _build(s, out, k, temperatures=TEMPS, **kw):
+    key = TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, k, kw.get("noise", 0.0), kw.get("noise_seed", 0))
+    return TC.ensure_cache(s.teacher, s.examples, out, key, k=k, temperatures=temperatures, batch_size=32,
+                           shard_examples=50, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def caches(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("caches")
+    return {k: _build(setup, out, k) for k in (4, 16, 64, setup.vocab)}
+
+
+def _batch(s, n=24, seed=0, examples=None):
+    """A training-like batch: shuffled examples (index order != batch order), right-padded."""
+    examples = examples or s.examples
+    picked = random.Random(seed).sample(range(len(examples)), n)
+    b = collate([examples[i] for i in picked], s.pad)
+    return b, b["labels"][:, 1:] != IGNORE
+
+
+@pytest.fixture(scope="module")
+def student_logits(setup):
+    b, mask = _batch(setup)
+    student = build_micro_model("micro-xs", setup.vocab, seed=1).eval()
+    with torch.no_grad():
+        logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    return logits, b, mask
+
+
+# --------------------------------------------------------------------------- keys
+def test_key_changes_with_every_ingredient(setup, tmp_path):
+    s = setup
+    base = TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.0, 0)
+    assert base == TC.cache_key(s.teacher_dir, s.tok, list(s.examples), s.max_length, 16, 0.0, 0)
+    assert len(base) == 16 and int(base, 16) >= 0
+
+    moved = copy.deepcopy(s.teacher)
+    with torch.no_grad():
+        moved.model.norm.weight[0] += 1e-3
+    moved.save_pretrained(tmp_path / "moved")
+    e0 = s.examples[0]
+    edited = [type(e0)(e0.prompt_ids, (e0.response_ids[0] + 1,) + e0.response_ids[1:], 0)] + s.examples[1:]
+    tok2 = copy.deepcopy(s.tok)
+    tok2.add_tokens(["zzqx"])
+    variants = {
+        "weights (dir)": TC.cache_key(tmp_path / "moved", s.tok, s.examples, s.max_length, 16),
+        "tokenizer": TC.cache_key(s.teacher_dir, tok2, s.examples, s.max_length, 16),
+        "one token": TC.cache_key(s.teacher_dir, s.tok, edited, s.max_length, 16),
+        "one example fewer": TC.cache_key(s.teacher_dir, s.tok, s.examples[:-1], s.max_length, 16),
+        "max_length": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length + 1, 16),
+        "k": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 17),
+        "noise": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.5),
+        "noise seed": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.5, 1),
+    }
+    assert len(set(variants.values()) | {base}) == len(variants) + 1, variants
+    # a module in memory: keyed by its tensors, any weight change -> a new key
+    mem = TC.cache_key(s.teacher, s.tok, s.examples, s.max_length, 16)
+    assert mem == TC.cache_key(copy.deepcopy(s.teacher), s.tok, s.examples, s.max_length, 16)
+    assert mem != TC.cache_key(moved, s.tok, s.examples, s.max_length, 16)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        TC.cache_key(tmp_path, s.tok, s.examples, s.max_length, 16)
+
+
+# --------------------------------------------------------------------------- build / open
+def test_build_then_open_round_trips(setup, caches):
+    s, cache = setup, caches[16]
+    m = cache.manifest
+    n_pos = sum(len(e.response_ids) for e in s.examples)
+    assert (m["k"], m["vocab_size"], m["temperatures"], m["n_examples"], m["n_positions"]) == \
+        (16, s.vocab, [1.0, 2.0], len(s.examples), n_pos)
+    assert len(m["shards"]) == math.ceil(len(s.examples) / 50)
+    assert m["forward_passes"] == sum(math.ceil((b - a) / 32) for a, b in (sh["examples"] for sh in m["shards"]))
+    assert cache.forward_passes == m["forward_passes"]  # this call built it
+    assert (cache.values.dtype, cache.ids.dtype, cache.logz.dtype) == (torch.float16, torch.int16, torch.float32)
+    assert cache.index.tolist() == [e.index for e in s.examples]
+    assert not [p for p in cache.path.iterdir() if ".tmp-" in p.name]
+    assert cache.nbytes / n_pos < 100
+
+    again = TC.open_cache(cache.path)
+    for name in ("values", "ids", "logz", "offsets", "index"):
+        assert torch.equal(getattr(again, name), getattr(cache, name))
+    assert again.forward_passes == 0
+    reused = _build(s, cache.path.parent, 16)
+    assert reused.forward_passes == 0
+
+    # alignment: example 37 alone through the teacher; position t predicts token t + 1
+    e = s.examples[37]
+    b = collate([e], s.pad)
+    with torch.no_grad():
+        logits = s.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[0, :-1].float()
+    z = logits[b["labels"][0, 1:] != IGNORE]
+    rows = cache.positions(torch.tensor([e.index]), torch.tensor([len(e.response_ids)]))
+    top, ids = z.topk(16, -1)
+    assert torch.equal(cache.ids[rows, 0].long(), ids[:, 0])
+    torch.testing.assert_close(cache.values[rows].float(), top - top[:, :1], atol=5e-3, rtol=1e-3)
+    for j, tau in enumerate(TEMPS):
+        torch.testing.assert_close(cache.logz[rows, j], (z / tau).logsumexp(-1) - top[:, 0] / tau,
+                                   atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_shard_is_detected_and_rebuilt(setup, tmp_path, damage, caplog):
+    cache = _build(setup, tmp_path, 16)
+    shard = cache.path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(data)
+    with pytest.raises(TC.CorruptCacheError, match="shard-00001.safetensors"):
+        TC.open_cache(cache.path)
+    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+        rebuilt = _build(setup, tmp_path, 16)
+    assert "shard-00001.safetensors" in caplog.text and "rebuilding" in caplog.text
+    assert rebuilt.forward_passes > 0
+    assert torch.equal(TC.open_cache(cache.path).values, cache.values)
+
+
+def test_a_bad_manifest_or_missing_manifest_is_rebuilt(setup, tmp_path, caplog):
+    cache = _build(setup, tmp_path, 16)
+    (cache.path / "manifest.json").write_text("{not json")
+    with pytest.raises(TC.CorruptCacheError, match="manifest"):
+        TC.open_cache(cache.path)
+    (cache.path / "manifest.json").unlink()
+    (cache.path / ".shard-00003.safetensors.tmp-1").write_bytes(b"partial")  # an interrupted build
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        TC.open_cache(cache.path)
+    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+        rebuilt = _build(setup, tmp_path, 16)
+    assert "interrupted" in caplog.text and rebuilt.forward_passes > 0
+    assert not (cache.path / ".shard-00003.safetensors.tmp-1").exists()
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64  # a manifest that disagrees with its shard
+    (cache.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TC.CorruptCacheError, match="shard-00000.safetensors fails its sha256"):
+        TC.open_cache(cache.path)
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"], manifest["k"] = rebuilt.manifest["shards"][0]["sha256"], 8
+    (cache.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TC.CorruptCacheError, match=r"shard-00000.safetensors contradicts the manifest: values"):
+        TC.open_cache(cache.path)
+
+
+def test_a_missing_temperature_or_other_settings_rebuild(setup, tmp_path, caplog):
+    first = _build(setup, tmp_path, 16, temperatures=(1.0,))
+    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+        second = _build(setup, tmp_path, 16, temperatures=(2.0,))
+    assert "lacks temperatures [2.0]" in caplog.text
+    assert second.temperatures == (1.0, 2.0) and second.forward_passes > 0
+    torch.testing.assert_close(second.logz[:, 0], first.logz[:, 0])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+        # the same key asked for other examples (a caller's bug): never served stale rows
+        key = second.key
+        third = TC.ensure_cache(setup.teacher, setup.examples[:-1], tmp_path, key, k=16, temperatures=TEMPS,
+                                batch_size=32, progress=False)
+    assert "other examples" in caplog.text and third.manifest["n_examples"] == len(setup.examples) - 1
+
+
+def test_large_vocabularies_store_int32_ids_and_wide_teachers_are_sliced(setup, tmp_path):
+    big = build_micro_model("micro-xs", 33_000, seed=2)
+    examples = setup.examples[:3]
+    cache = TC.open_cache(TC.build_cache(big, examples, tmp_path, "big", k=8, vocab_size=32_800, progress=False))
+    assert cache.ids.dtype == torch.int32 and cache.manifest["ids_dtype"] == "int32"
+    assert int(cache.ids.max()) < 32_800
+    with pytest.raises(ValueError, match="fewer than vocab_size"):
+        TC.build_cache(big, examples, tmp_path, "too-wide", vocab_size=40_000, progress=False)
+
+
+# --------------------------------------------------------------------------- the signal vs the live teacher
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("tau", TEMPS)
+def test_k_equal_to_vocab_equals_the_live_teacher(setup, caches, student_logits, objective, tau):
+    logits, b, mask = student_logits
+    settings = KDSettings(objective, temperature=tau)
+    live = LiveTeacher(setup.teacher, setup.vocab).kd_sum(logits, b, mask, settings)
+    cached = TC.CachedTeacher(caches[setup.vocab], setup.vocab).kd_sum(logits, b, mask, settings)
+    torch.testing.assert_close(cached, live, rtol=2e-5, atol=1e-4)
+
+
+def test_a_padded_teacher_vocabulary_is_sliced(setup, tmp_path, student_logits):
+    """Like Qwen2.5-7B's 152064 logits for a 151936-token tokenizer."""
+    padded = copy.deepcopy(setup.teacher)
+    padded.resize_token_embeddings(setup.vocab + 64, mean_resizing=False)
+    cache = TC.ensure_cache(padded, setup.examples, tmp_path, "padded", k=10**6, vocab_size=setup.vocab,
+                            progress=False)
+    assert cache.k == setup.vocab  # k >= vocab: the whole distribution
+    logits, b, mask = student_logits
+    settings = KDSettings("fkl")
+    torch.testing.assert_close(TC.CachedTeacher(cache, setup.vocab).kd_sum(logits, b, mask, settings),
+                               LiveTeacher(padded, setup.vocab).kd_sum(logits, b, mask, settings), rtol=2e-5, atol=1e-4)
+
+
+def test_topk_loss_is_a_close_lower_bound(setup, caches, student_logits):
+    """k < V: the bucketed loss is below the dense one and rises with k (data processing: the
+    top-4 buckets are a coarsening of the top-16 ones). Relative errors, printed with -s."""
+    logits, b, mask = student_logits
+    live = LiveTeacher(setup.teacher, setup.vocab)
+    print("\nrelative error of the top-k loss vs the live teacher (fresh micro-xs student):")
+    errors = {}
+    for objective in ("fkl", "rkl", "gjsd"):
+        for tau in TEMPS:
+            settings = KDSettings(objective, temperature=tau)
+            dense = float(live.kd_sum(logits, b, mask, settings))
+            sparse = [float(TC.CachedTeacher(caches[k], setup.vocab).kd_sum(logits, b, mask, settings))
+                      for k in (4, 16, 64)]
+            errors[objective, tau] = [(v - dense) / dense for v in sparse]
+            print(f"  {objective:5s} tau={tau}: " + "  ".join(f"k={k}: {e:+.2e}" for k, e in
+                                                               zip((4, 16, 64), errors[objective, tau])))
+            assert sparse[0] <= sparse[1] * (1 + 1e-5) and sparse[1] <= sparse[2] * (1 + 1e-5)
+            assert sparse[2] <= dense * (1 + 1e-5)
+    # fkl's gap is sum P_T(tail) KL(tail conditionals): small for a peaked teacher (tail mass ~2% at k=16)
+    assert abs(errors["fkl", 1.0][1]) < 0.01
+
+
+def test_noise_is_one_fixed_draw_per_position(setup, tmp_path, caches):
+    s, sigma = setup, 1.0
+    key = TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, s.vocab, sigma, 3)
+    noisy = TC.ensure_cache(s.teacher, s.examples, tmp_path, key, k=s.vocab, noise=sigma, noise_seed=3,
+                            batch_size=16, progress=False)
+    other_batching = TC.open_cache(TC.build_cache(s.teacher, s.examples, tmp_path, "rebatched", k=s.vocab,
+                                                  noise=sigma, noise_seed=3, batch_size=40, shard_examples=7,
+                                                  progress=False))
+
+    def full(cache):  # the stored full logits (shifted) in token order
+        return torch.zeros(cache.values.shape, dtype=torch.float32).scatter_(-1, cache.ids.long(), cache.values.float())
+
+    # the draw depends on (seed, example), not on batching (up to float noise of the forward)
+    torch.testing.assert_close(full(other_batching), full(noisy), atol=1e-2, rtol=0)
+    diff = full(noisy) - full(caches[s.vocab])  # = noise + a per-position shift
+    eps = diff - diff.mean(-1, keepdim=True)
+    assert abs(float(eps.std(-1).mean()) - sigma) < 0.05 * sigma
+    firsts = eps[noisy.offsets[:-1]]  # each example's first position: independent draws
+    corr = torch.corrcoef(firsts[:20]) - torch.eye(20)
+    assert float(corr.abs().max()) < 0.25
+    torch.testing.assert_close(noisy.logz[:, 0], full(noisy).logsumexp(-1), atol=1e-3, rtol=0)
+
+    b = collate([s.examples[5]], s.pad)
+    mask = b["labels"][:, 1:] != IGNORE
+    logits = torch.randn(*mask.shape, s.vocab)
+    teacher = TC.CachedTeacher(noisy, s.vocab)
+    assert torch.isfinite(teacher.kd_sum(logits, b, mask, KDSettings("fkl", noise=sigma)))
+    with pytest.raises(ValueError, match="noise sigma=1.0.*sigma=0.0"):
+        teacher.kd_sum(logits, b, mask, KDSettings("fkl"))
+
+
+def test_bad_requests_raise_clear_errors(setup, caches, student_logits, tmp_path):
+    logits, b, mask = student_logits
+    teacher = TC.CachedTeacher(caches[16], setup.vocab)
+    with pytest.raises(ValueError, match=r"temperature 3.0.*\[1.0, 2.0\]"):
+        teacher.kd_sum(logits, b, mask, KDSettings("fkl", temperature=3.0))
+    with pytest.raises(ValueError, match="vocab_size"):
+        TC.CachedTeacher(caches[16], setup.vocab + 1)
+    stranger = dict(b, index=b["index"].clone())
+    stranger["index"][3] = 10_000
+    with pytest.raises(KeyError, match="example index 10000"):
+        teacher.kd_sum(logits, stranger, mask, KDSettings("fkl"))
+    # a batch tokenized with a shorter max_length than the cache was built with
+    short = tokenize_pairs(setup.tok, setup.prompts, setup.responses, 60)
+    cut = next(e for e in short if len(e.response_ids) < len(setup.examples[e.index].response_ids))
+    sb = collate([setup.examples[0], cut], setup.pad)
+    smask = sb["labels"][:, 1:] != IGNORE
+    slogits = torch.randn(*smask.shape, setup.vocab)
+    with pytest.raises(ValueError, match=f"example index {cut.index}: the batch has"):
+        teacher.kd_sum(slogits, sb, smask, KDSettings("fkl"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_build_and_gather(setup, caches, student_logits, tmp_path):
+    """On CUDA the teacher runs under bf16 autocast: close to the fp32 CPU cache, not equal."""
+    teacher = copy.deepcopy(setup.teacher).cuda()
+    cache = TC.ensure_cache(teacher, setup.examples, tmp_path, "cuda", k=setup.vocab, temperatures=TEMPS,
+                            progress=False)
+    noisy = TC.build_cache(teacher, setup.examples[:5], tmp_path, "cuda-noisy", k=16, noise=0.5, progress=False)
+    assert cache.manifest["device"] == "cuda" and TC.open_cache(noisy).manifest["noise"] == 0.5
+    logits, b, mask = student_logits
+    settings = KDSettings("fkl", temperature=2.0)
+    on_gpu = TC.CachedTeacher(cache, setup.vocab).kd_sum(logits.cuda(), {k: v.cuda() for k, v in b.items()},
+                                                        mask.cuda(), settings)
+    on_cpu = TC.CachedTeacher(caches[setup.vocab], setup.vocab).kd_sum(logits, b, mask, settings)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=2e-2, atol=0)
+
+
+# --------------------------------------------------------------------------- training through the cache
+def test_training_a_student_through_the_cache(setup, caches):
+    s = setup
+    settings = KDSettings("fkl", temperature=2.0)
+    objective = kd_objective(TC.CachedTeacher(caches[16], s.vocab), settings, s.vocab)
+    student = build_micro_model("micro-xs", s.vocab, seed=4)
+    b, _ = _batch(s, n=32, seed=1)
+    loss, n = objective(student, b)
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert n > 0 and grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    student.zero_grad()
+
+    def kd_per_token() -> float:
+        with torch.no_grad():
+            loss, n = objective(student.eval(), b)
+        return float(loss) / n
+
+    before = kd_per_token()
+    steps = cycle_steps(lambda ep: ([collate([s.examples[i] for i in idx], s.pad)]
+                                    for idx in epoch_batches(len(s.examples), 32, 2, ep)))
+    train(student, steps, objective, OptimSettings(max_steps=12, lr=1e-2, warmup_steps=1, eval_every=10**6),
+          progress=False)
+    assert kd_per_token() < 0.8 * before
+
+
+def test_teacher_for_picks_the_cache_except_for_on_policy_gkd(setup, caches):
+    made, messages = [], []
+
+    def live():
+        made.append(LiveTeacher(setup.teacher, setup.vocab))
+        return made[-1]
+
+    assert isinstance(TC.teacher_for(KDSettings("rkl"), live, caches[16], messages.append), TC.CachedTeacher)
+    assert not made
+    assert TC.teacher_for(KDSettings("gkd"), live, caches[16], messages.append) is made[-1]
+    assert messages == ["gkd is on-policy: using the live teacher"]
+    assert TC.teacher_for(KDSettings("fkl"), live, None, messages.append) is made[-1]
+    with pytest.raises(ValueError, match="temperature 4.0"):
+        TC.teacher_for(KDSettings("fkl", temperature=4.0), live, caches[16], messages.append)
+
+
+# --------------------------------------------------------------------------- SeqKD generations
+def test_cached_generations_round_trip_and_rebuild(setup, tmp_path, monkeypatch, caplog):
+    s = setup
+    prompts = s.prompts[:5]
+    calls = []
+    real = evaluation.generate
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", counting)
+    key = TC.generations_key(s.teacher_dir, s.tok, prompts, 12)
+    first = TC.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, max_new_tokens=12, batch_size=4)
+    assert first == real(s.teacher, s.tok, prompts, max_new_tokens=12, progress=False) and calls == [5]
+    assert TC.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, 12) == first and calls == [5]
+
+    other = TC.generations_key(s.teacher_dir, s.tok, s.prompts[1:6], 12)
+    assert other not in (key, TC.generations_key(s.teacher_dir, s.tok, prompts, 13))
+    TC.cached_generations(s.teacher, s.tok, s.prompts[1:6], tmp_path, other, 12)
+    assert calls == [5, 5]
+
+    stored = tmp_path / key / "generations.json"
+    stored.write_text(json.dumps(["forged"] * 5))
+    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+        assert TC.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, 12) == first
+    assert "regenerating" in caplog.text and calls == [5, 5, 5]
