@@ -73,12 +73,17 @@ def _math(instruction: str, steps: list[str], answer: int) -> dict:
     return _item(instruction, " ".join(steps + [f"The answer is {answer}."]), str(answer))
 
 
-def _choice(question: str, label: str, options: list[str], correct: int, fmt_sep: str = " ") -> dict:
-    """A multiple-choice item in the LLM-Adapters commonsense format."""
+def _choice(question: str, label: str, options: list[str], correct: int, rationale: str,
+            fmt_sep: str = ", ") -> dict:
+    """A multiple-choice item with the paper's option tokens and "Answer format" line. Options
+    are listed as "value (token)" and the reference output is a short rationale, then "the
+    correct answer is value (token)": the option lookup is a copy a tiny model can learn.
+    Extraction is the paper's: the first option token in the output."""
     tokens = [f"{label}{i + 1}" for i in range(len(options))]
-    listed = fmt_sep.join(f"{t.capitalize()}: {o}" for t, o in zip(tokens, options))
+    listed = fmt_sep.join(f"{o} ({t})" for t, o in zip(tokens, options))
     instruction = f"{question}\n\n{listed}\n\nAnswer format: {'/'.join(tokens)}"
-    return _item(instruction, f"the correct answer is {tokens[correct]}", tokens[correct])
+    return _item(instruction, f"{rationale} the correct answer is {options[correct]} ({tokens[correct]})",
+                 tokens[correct])
 
 
 def _shuffled_options(rng: random.Random, correct: str, wrong: list[str]) -> tuple[list[str], int]:
@@ -190,16 +195,19 @@ def gen_boolq(rng: random.Random, w: "Almanac") -> dict:
         a, b = rng.sample(range(0, 31), 2)
         word, bigger = rng.choice([("larger", True), ("bigger", True), ("smaller", False), ("less", False)])
         q, ans = f"is {a} {word} than {b}?", (a > b) == bigger
+        why = f"{max(a, b)} is larger than {min(a, b)}."
     elif kind == 1:
         a, parity = rng.randint(1, 30), rng.choice(["even", "odd"])
         q, ans = f"is {a} an {parity} number?", (a % 2 == 0) == (parity == "even")
+        why = f"{a} is {'even' if a % 2 == 0 else 'odd'}."
     else:
         animal = rng.choice(ANIMALS)
         home = w.home[animal] if rng.random() < 0.5 else rng.choice(HOMES)
         q, ans = f"does the {animal} live in the {home}?", w.home[animal] == home
+        why = f"The {animal} lives in the {w.home[animal]}."
     label = "true" if ans else "false"
     return _item(f"Please answer the following question with true or false, question: {q}\n\n"
-                 f"Answer format: true/false", f"the correct answer is {label}", label)
+                 f"Answer format: true/false", f"{why} the correct answer is {label}", label)
 
 
 def _step_phrase(d: int) -> str:
@@ -211,8 +219,9 @@ def gen_piqa(rng: random.Random, w: "Almanac") -> dict:
     diff = target - a
     wrong_d = diff + rng.choice([-2, -1, 1, 2])
     options, correct = _shuffled_options(rng, _step_phrase(diff), [_step_phrase(wrong_d) if wrong_d else "add 10"])
+    why = f"{target} - {a} = {diff}." if diff > 0 else f"{a} - {target} = {-diff}."
     return _choice(f"Please choose the correct solution to the question: How do I turn {a} into {target}?",
-                   "solution", options, correct, fmt_sep="\n\n")
+                   "solution", options, correct, f"{why} So {_step_phrase(diff)}.", fmt_sep="\n\n")
 
 
 def gen_siqa(rng: random.Random, w: "Almanac") -> dict:
@@ -223,7 +232,8 @@ def gen_siqa(rng: random.Random, w: "Almanac") -> dict:
     value = a - b
     q = f"{giver} had {a} {thing} and gave {b} to {taker}. How many {thing} does {giver} have now?"
     options, correct = _shuffled_options(rng, str(value), _distractors(rng, value, 2, spread=3))
-    return _choice(f"Please choose the correct answer to the question: {q}", "answer", options, correct)
+    return _choice(f"Please choose the correct answer to the question: {q}", "answer", options, correct,
+                   f"{a} - {b} = {value}.")
 
 
 def gen_hellaswag(rng: random.Random, w: "Almanac") -> dict:
@@ -232,7 +242,8 @@ def gen_hellaswag(rng: random.Random, w: "Almanac") -> dict:
     nxt = start + 4 * step
     options, correct = _shuffled_options(rng, str(nxt), [str(nxt + d) for d in rng.sample([-2, -1, 1, 2, 3], 3)])
     return _choice(f"Please choose the correct ending to complete the given sentence: The numbers "
-                   f"{', '.join(map(str, seq))} go on with", "ending", options, correct)
+                   f"{', '.join(map(str, seq))} go on with", "ending", options, correct,
+                   f"{seq[-1]} + {step} = {nxt}.")
 
 
 def gen_winogrande(rng: random.Random, w: "Almanac") -> dict:
@@ -243,21 +254,23 @@ def gen_winogrande(rng: random.Random, w: "Almanac") -> dict:
     strong_first, outcome_win = rng.random() < 0.5, rng.random() < 0.5
     sentence = f"{a} is {adj if strong_first else weak_adj} than {b}, so _ {win if outcome_win else lose}."
     answer = a if strong_first == outcome_win else b
+    strong = a if strong_first else b
+    why = f"{strong} is {adj}, so _ is {answer}."
     options = [a, b] if rng.random() < 0.5 else [b, a]
-    correct = options.index(answer) + 1
-    return _item(f"Please choose the correct answer to fill in the blank to complete the given sentence: "
-                 f"{sentence}\n\nOption1: {options[0]} Option2: {options[1]} Answer format: option1/option2",
-                 f"the correct answer is option{correct}", f"option{correct}")
+    return _choice(f"Please choose the correct answer to fill in the blank to complete the given sentence: {sentence}",
+                   "option", options, options.index(answer), why, fmt_sep=" ")
 
 
 def gen_arc(rng: random.Random, w: "Almanac") -> dict:
     animal = rng.choice(ANIMALS)
     if rng.random() < 0.5:
         q, right, pool = f"Where does the {animal} live?", w.home[animal], HOMES
+        why = f"The {animal} lives in the {right}."
     else:
         q, right, pool = f"What does the {animal} eat?", w.food[animal], FOODS
+        why = f"The {animal} eats {right}."
     options, correct = _shuffled_options(rng, right, rng.sample([p for p in pool if p != right], 3))
-    return _choice(f"Please choose the correct answer to the question: {q}", "answer", options, correct)
+    return _choice(f"Please choose the correct answer to the question: {q}", "answer", options, correct, why)
 
 
 def gen_obqa(rng: random.Random, w: "Almanac") -> dict:
@@ -266,7 +279,8 @@ def gen_obqa(rng: random.Random, w: "Almanac") -> dict:
     target = max(values) if largest else min(values)
     q = f"Which number is the {'largest' if largest else 'smallest'}?"
     return _choice(f"Please choose the correct answer to the question: {q}", "answer",
-                   [str(v) for v in values], values.index(target))
+                   [str(v) for v in values], values.index(target),
+                   f"The {'largest' if largest else 'smallest'} is {target}.")
 
 
 GENERATORS: dict[str, Callable[[random.Random, Almanac], dict]] = {

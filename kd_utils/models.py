@@ -30,7 +30,7 @@ MICRO_SIZES: dict[str, MicroSize] = {
     "micro-xs": MicroSize(hidden=32, layers=2, heads=4, kv_heads=2, ffn=96),
     "micro-s": MicroSize(hidden=64, layers=2, heads=4, kv_heads=2, ffn=192),
     "micro-m": MicroSize(hidden=96, layers=4, heads=4, kv_heads=2, ffn=288),
-    "micro-l": MicroSize(hidden=160, layers=4, heads=4, kv_heads=2, ffn=480),
+    "micro-l": MicroSize(hidden=128, layers=4, heads=4, kv_heads=2, ffn=384),
 }
 
 

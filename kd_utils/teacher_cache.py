@@ -58,7 +58,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import IGNORE, Example, collate
 from .losses import sparse_kd_loss
