@@ -110,11 +110,12 @@ class KDConfig(Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
+        kd_methods = [x for x in METHODS if x != "sft"]
         for m in v:
-            if m not in METHODS or m == "sft":
-                close = difflib.get_close_matches(m, METHODS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown KD method {m!r}{hint}; known: {', '.join(x for x in METHODS if x != 'sft')}")
+            if m == "sft":
+                raise ValueError("'sft' is not a KD method: every student gets its SFT baseline anyway")
+            if m not in kd_methods:
+                raise ValueError(f"unknown KD method {m!r}{_suggest(m, kd_methods)}; known: {', '.join(kd_methods)}")
         return v
 
     @field_validator("temperatures")
@@ -212,13 +213,18 @@ def _suggest(name: str, options) -> str:
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Valid keys of the (sub)model at a validation-error location."""
     current: Any = model
+    dict_keys_next = False
     for part in loc[:-1]:
         if isinstance(part, int) or current is None:
+            continue
+        if dict_keys_next:  # a key of a dict[str, Model] (a model name), not a field
+            dict_keys_next = False
             continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
         ann = field.annotation
+        dict_keys_next = getattr(ann, "__origin__", None) is dict
         candidates = [ann, *getattr(ann, "__args__", ())]
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
         for c in candidates:

@@ -90,7 +90,8 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
             yield [collate([train_ex[j] for j in idx], pad) for idx in order[i: i + accum]]
 
     val_batches = [collate(val_ex[i: i + 64], pad) for i in range(0, len(val_ex), 64)]
-    steps = job.steps or max(1, int(job.training.epochs * len(train_ex) / (bs * accum)))
+    steps = job.steps or (job.training.steps if isinstance(job.training.steps, int) else None) or \
+        max(1, int(job.training.epochs * len(train_ex) / (bs * accum)))
 
     objective, prepare, signal = token_ce, None, None
     if settings.uses_teacher_logits:
@@ -103,7 +104,7 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
     result = train(student, cycle_steps(epoch), objective,
                    OptimSettings(max_steps=steps, lr=job.training.lr, warmup_steps=job.training.warmup_steps,
                                  weight_decay=job.training.weight_decay, eval_every=job.training.eval_every,
-                                 seed=job.seed, autocast=job.training.autocast),
+                                 autocast=job.training.autocast),
                    val_batches=val_batches, progress=progress, desc=f"{job.method} {job.student}", prepare=prepare)
     _save(student, tokenizer, job, out)
     return {

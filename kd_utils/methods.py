@@ -137,8 +137,8 @@ class OnPolicySampler:
         examples = []
         for r, (p, idx) in enumerate(zip(prompts, batch["index"].tolist())):
             gen = out[r, width:].tolist()
-            if self.eos_id in gen:
+            if self.eos_id in gen:  # generate pads only after eos: cut there
                 gen = gen[: gen.index(self.eos_id) + 1]
-            examples.append(Example(tuple(p), tuple(t for t in gen if t != self.pad_id) or (self.eos_id,), idx))
+            examples.append(Example(tuple(p), tuple(gen) or (self.eos_id,), idx))
         new = collate(examples, self.pad_id)
         return {k: v.to(device) for k, v in new.items()}

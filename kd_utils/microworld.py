@@ -292,11 +292,12 @@ GENERATORS: dict[str, Callable[[random.Random, Almanac], dict]] = {
 }
 
 
-def generate_task(name: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """n distinct items of task `name` (distinct instructions, none in `exclude`)."""
+def generate_task(name: str, n: int, seed: int, exclude: set[str] = frozenset(), split: str = "train") -> list[dict]:
+    """n distinct items of task `name` (distinct instructions, none in `exclude`) in the world
+    of `seed`; `split` names an independent random stream over the same world (same almanac)."""
     if name not in GENERATORS:
         raise ValueError(f"unknown micro task {name!r}; known: {sorted(GENERATORS)}")
-    rng, world = random.Random(f"{name}-{seed}"), Almanac.build(seed)
+    rng, world = random.Random(f"{name}-{split}-{seed}"), Almanac.build(seed)
     items, seen = [], set(exclude)
     for _ in range(50 * n):
         item = GENERATORS[name](rng, world)
@@ -350,7 +351,7 @@ def write_world(data_root: str | Path, n_train: int, n_test: int, seed: int,
     root = Path(data_root)
     counts = {}
     for name in tasks or list(GENERATORS):
-        test = generate_task(name, n_test, seed + 1)
+        test = generate_task(name, n_test, seed, split="test")
         train = generate_task(name, n_train, seed, exclude={t["instruction"] for t in test})
         (root / name).mkdir(parents=True, exist_ok=True)
         for split, items in (("train", train), ("test", test)):

@@ -70,25 +70,39 @@ def load_model(name_or_path: str, device: torch.device | None = None, dtype: tor
                trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load a causal LM (and its tokenizer) from a local directory or a hub id, with clear errors."""
     device = device or best_device()
-    path = Path(name_or_path)
-    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.exists()
     if looks_local and not path.exists():
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
     if (path / "adapter_config.json").exists():
         return _load_adapter(path, device, dtype, trust_remote_code, allow_pickle)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    source = str(path) if path.exists() else name_or_path
+    if offline and not path.exists() and not _in_hub_cache(name_or_path):
+        raise FileNotFoundError(f"could not load model {name_or_path!r}: not a local directory, not in the hub "
+                                "cache, and the hub is disabled (HF_HUB_OFFLINE=1); give a local path")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True)
-        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+            source, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True, local_files_only=offline)
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, local_files_only=offline)
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise FileNotFoundError(
             f"could not load model {name_or_path!r}: not a local directory with a saved model, and the hub "
             f"{'is disabled (HF_HUB_OFFLINE=1)' if offline else 'could not provide it (offline or unknown id)'}. "
             f"Give a local path or download it first. ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from err
     return model.to(device).eval(), tokenizer
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model's config is already in the local hub cache (usable offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def _load_adapter(path: Path, device: torch.device, dtype, trust_remote_code: bool, allow_pickle: bool):
@@ -104,7 +118,7 @@ def _load_adapter(path: Path, device: torch.device, dtype, trust_remote_code: bo
     return merged.to(device).eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, local_files_only: bool = False):
     """AutoTokenizer, except for a generic tokenizer.json (the micro BPE, saved as
     `TokenizersBackend`): transformers 5 would swap in the model type's own class (Qwen2's
     pre-tokenizer regex) when a Qwen2 config sits beside it, changing the tokenisation."""
@@ -112,7 +126,8 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     if config.exists() and json.loads(config.read_text()).get("tokenizer_class") == "TokenizersBackend":
         from transformers import PreTrainedTokenizerFast
         return PreTrainedTokenizerFast.from_pretrained(str(name_or_path))
-    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code,
+                                         local_files_only=local_files_only)
 
 
 def read_manifest(model_dir: str | Path) -> dict:

@@ -50,7 +50,7 @@ def pretrain_micro(size: str, world_dir: str | Path, cfg: PretrainConfig, steps:
     torch.manual_seed(seed)
     result = train(model, cycle_steps(epoch), token_ce,
                    OptimSettings(max_steps=steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                                 eval_every=max(steps, 1), seed=seed),
+                                 eval_every=max(steps, 1)),
                    progress=progress, desc=f"pretrain {size}")
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

@@ -33,7 +33,6 @@ class OptimSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 100
-    seed: int = 0
     autocast: str = "auto"  # "auto" | "bf16" | "off"
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
 
@@ -159,12 +158,12 @@ def train(model: torch.nn.Module, steps: Iterator[list[Batch]], objective: Objec
         total, n_tokens = accumulate_gradients(model, micro_batches, objective, amp)
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         result.target_tokens += n_tokens
-        result.history.append({"step": step + 1, "loss": total, "lr": sched.get_last_lr()[0],
-                               "seconds": time.perf_counter() - t0})
+        result.history.append({"step": step + 1, "loss": total, "lr": lr, "seconds": time.perf_counter() - t0})
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.max_steps:
             evaluate(step + 1)
         bar.update(1)
@@ -184,5 +183,10 @@ def cycle_steps(make_epoch: Callable[[int], Iterable[list[Batch]]]) -> Iterator[
     """Steps over as many epochs as the loop asks for."""
     epoch = 0
     while True:
-        yield from make_epoch(epoch)
+        produced = 0
+        for step in make_epoch(epoch):
+            produced += 1
+            yield step
+        if produced == 0:
+            raise ValueError(f"epoch {epoch} produced no optimizer step (fewer batches than grad_accum?)")
         epoch += 1

@@ -1,0 +1,293 @@
+"""Typed study parameters (kd_utils.config): every mistake in a params file is reported with
+the file, the key and a suggestion before any compute starts; notebook jobs validate the same way."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_utils.config import DistillJob, EvalJob, StudyConfig, TrainingConfig, job_from_namespace, load_study
+
+PARAMS = sorted((Path(__file__).resolve().parents[1] / "params").glob("*.yaml"))
+
+BASE = {
+    "study": "tiny",
+    "world": {"n_train": 10, "n_test": 5},
+    "models": {"micro-s": {"micro": "micro-s"}, "micro-xs": {"micro": "micro-xs"}, "micro-m": {"micro": "micro-m"}},
+    "teachers": ["micro-m", "micro-s"],
+    "students": ["micro-xs", "micro-s"],
+    "training": {"steps": 10},
+}
+
+
+def _write(tmp_path: Path, cfg) -> Path:
+    p = tmp_path / "study.yaml"
+    p.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    return p
+
+
+def _error(tmp_path: Path, **changes) -> str:
+    path = _write(tmp_path, {**BASE, **changes})
+    with pytest.raises(ValueError) as err:
+        load_study(path)
+    msg = str(err.value)
+    assert str(path) in msg, "the error names the params file"
+    return msg
+
+
+# --- a valid study ------------------------------------------------------------------------------
+
+def test_a_minimal_study_loads_with_defaults_and_default_pairs(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_study(_write(tmp_path, BASE))
+    assert isinstance(cfg, StudyConfig) and cfg.study == "tiny"
+    assert cfg.kd_pairs() == [("micro-m", "micro-xs"), ("micro-m", "micro-s"), ("micro-s", "micro-xs")]
+    assert cfg.kd.methods == ["fkl", "rkl", "gkd"] and cfg.training.lr == 3e-4
+
+
+def test_overrides_replace_top_level_sections(tmp_path):
+    cfg = load_study(_write(tmp_path, BASE), overrides={"training": {"steps": 3}, "seeds": [1, 2]})
+    assert cfg.training.steps == 3 and cfg.seeds == [1, 2]
+
+
+def test_steps_for_reads_per_model_steps_and_names_a_missing_model(tmp_path):
+    cfg = load_study(_write(tmp_path, {**BASE, "training": {"steps": {"micro-xs": 5, "micro-s": 7}}}))
+    assert (cfg.steps_for("micro-xs"), cfg.steps_for("micro-s")) == (5, 7)
+    with pytest.raises(ValueError, match="micro-m"):
+        cfg.steps_for("micro-m")
+    assert load_study(_write(tmp_path, BASE)).steps_for("micro-m") == 10
+
+
+# --- file-level errors --------------------------------------------------------------------------
+
+def test_a_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_study(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text,match", [("study: [unclosed\n", "not valid YAML"), ("- a\n- b\n", "mapping")])
+def test_malformed_yaml_raises_value_error_naming_the_file(tmp_path, text, match):
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError, match=match) as err:
+        load_study(path)
+    assert str(path) in str(err.value)
+
+
+# --- typos and unknown names --------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes,key,suggestion", [
+    ({"trainig": {"steps": 3}}, "trainig", "training"),
+    ({"training": {"steps": 10, "batch_sise": 8}}, "training.batch_sise", "batch_size"),
+    ({"training": {"steps": 10, "lora": {"alhpa": 16}}}, "training.lora.alhpa", "alpha"),
+    ({"kd": {"temperatrues": [2.0]}}, "kd.temperatrues", "temperatures"),
+    ({"evaluation": {"max_new_token": {}}}, "evaluation.max_new_token", "max_new_tokens"),
+    ({"ablations": [{"name": "a", "metods": ["fkl"]}]}, "ablations.0.metods", "methods"),
+    ({"models": {**BASE["models"], "micro-s": {"mikro": "micro-s"}}}, "models.micro-s.mikro", "micro"),
+])
+def test_a_typo_key_is_unknown_with_a_did_you_mean(tmp_path, changes, key, suggestion):
+    msg = _error(tmp_path, **changes)
+    assert f"{key}: unknown key (did you mean {suggestion!r}?)" in msg, msg
+
+
+def test_an_unknown_kd_method_gets_a_suggestion_and_the_known_list(tmp_path):
+    msg = _error(tmp_path, kd={"methods": ["fkl", "rkll"]})
+    assert "'rkll'" in msg and "did you mean 'rkl'" in msg and "skew_fkl" in msg
+
+
+def test_sft_as_a_kd_method_is_rejected_without_suggesting_itself(tmp_path):
+    msg = _error(tmp_path, kd={"methods": ["sft"]})
+    assert "'sft'" in msg and "did you mean 'sft'" not in msg
+
+
+@pytest.mark.parametrize("changes,name", [
+    ({"teachers": ["micro-l"]}, "micro-l"),
+    ({"students": ["micro-xs", "micro-S"]}, "micro-S"),
+    ({"pairs": [["micro-m", "micro-xxs"]]}, "micro-xxs"),
+    ({"ablations": [{"name": "gap", "pairs": [["micro-q", "micro-xs"]]}]}, "micro-q"),
+    ({"pretrain": {"steps": {"micro-mm": 5}}}, "micro-mm"),
+])
+def test_a_model_name_not_in_models_is_named(tmp_path, changes, name):
+    msg = _error(tmp_path, **changes)
+    assert f"{name!r} is not in models" in msg, msg
+
+
+def test_a_near_miss_model_name_gets_a_suggestion(tmp_path):
+    assert "did you mean 'micro-s'" in _error(tmp_path, students=["micro-S"])
+
+
+@pytest.mark.parametrize("spec,match", [({"micro": "micro-s", "path": "Qwen/Qwen2.5-0.5B"}, "exactly one"),
+                                        ({}, "exactly one"), ({"micro": "micro-xxl"}, "micro-xs")])
+def test_a_model_spec_needs_exactly_one_known_source(tmp_path, spec, match):
+    assert match in _error(tmp_path, models={**BASE["models"], "micro-s": spec})
+
+
+def test_micro_models_need_a_world_section(tmp_path):
+    cfg = {k: v for k, v in BASE.items() if k != "world"}
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ValueError, match="world"):
+        load_study(path)
+
+
+def test_hub_models_need_no_world_section(tmp_path):
+    cfg = {**{k: v for k, v in BASE.items() if k != "world"},
+           "models": {"big": {"path": "Qwen/Qwen2.5-7B"}, "small": {"path": "/models/q0.5"}},
+           "teachers": ["big"], "students": ["small"]}
+    assert load_study(_write(tmp_path, cfg)).kd_pairs() == [("big", "small")]
+
+
+@pytest.mark.parametrize("training", [{"steps": 10, "epochs": 2}, {"lr": 1e-3}])
+def test_training_needs_exactly_one_of_steps_or_epochs(tmp_path, training):
+    assert "exactly one of 'steps' or 'epochs'" in _error(tmp_path, training=training)
+
+
+@pytest.mark.parametrize("kd", [{"temperatures": [0.0]}, {"temperatures": [2.0, -1.0]}, {"lmbda": 1.5},
+                                {"cache_k": 0}, {"teacher_kinds": ["raw"]}])
+def test_out_of_range_kd_options_are_rejected(tmp_path, kd):
+    assert "kd." in _error(tmp_path, kd=kd)
+
+
+# --- size warnings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pairs,warned", [
+    ([["micro-s", "micro-m"]], True),     # student larger
+    ([["micro-s", "micro-xs"], ["micro-m", "micro-s"]], False),
+])
+def test_a_student_larger_than_its_teacher_warns_naming_both(tmp_path, pairs, warned):
+    path = _write(tmp_path, {**BASE, "pairs": pairs})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_study(path)
+    messages = [str(w.message) for w in caught]
+    if warned:
+        assert any("'micro-m'" in m and "'micro-s'" in m and "not smaller" in m for m in messages), messages
+    else:
+        assert not messages, messages
+
+
+def test_a_student_as_large_as_its_teacher_warns(tmp_path):
+    cfg = {**BASE, "models": {**BASE["models"], "other-s": {"micro": "micro-s"}}, "pairs": [["micro-s", "other-s"]]}
+    with pytest.warns(UserWarning, match="not smaller"):
+        load_study(_write(tmp_path, cfg))
+
+
+# --- DistillJob and notebook namespaces ----------------------------------------------------------
+
+TRAINING = {"steps": 5}
+
+
+@pytest.mark.parametrize("method", ["fkl", "rkl", "gkd", "seqkd", "tvd"])
+def test_a_kd_job_requires_a_teacher_path(method):
+    with pytest.raises(ValueError, match="teacher_path"):
+        DistillJob(student="s", student_path="/m/s", method=method, training=TRAINING)
+    job = DistillJob(student="s", student_path="/m/s", method=method, teacher="t", teacher_path="/m/t",
+                     training=TRAINING)
+    assert job.method == method and isinstance(job.training, TrainingConfig)
+
+
+def test_an_sft_job_needs_no_teacher():
+    assert DistillJob(student="s", student_path="/m/s", training=TRAINING).method == "sft"
+
+
+def test_a_job_with_an_unknown_method_gets_a_suggestion():
+    with pytest.raises(ValueError, match="did you mean 'gjsd'"):
+        DistillJob(student="s", student_path="/m/s", method="gjds", teacher_path="/m/t", training=TRAINING)
+
+
+def test_a_job_temperature_must_be_among_its_cache_temperatures():
+    with pytest.raises(ValueError, match="cache_temperatures"):
+        DistillJob(student="s", student_path="/m/s", method="fkl", teacher_path="/m/t", temperature=5.0,
+                   cache_temperatures=[1.0, 2.0], training=TRAINING)
+    DistillJob(student="s", student_path="/m/s", method="fkl", teacher_path="/m/t", temperature=2.0,
+               cache_temperatures=[1.0, 2.0], training=TRAINING)
+
+
+def test_job_from_namespace_takes_the_fields_and_ignores_other_variables():
+    namespace = {"student": "micro-xs", "student_path": "/m/xs", "method": "rkl", "teacher": "micro-s",
+                 "teacher_path": "/m/s", "temperature": 2.0, "training": {"steps": 7, "lr": 1e-3},
+                 "kd": {"lmbda": 0.25}, "In": [], "np": object(), "_": None}
+    job = job_from_namespace(DistillJob, namespace, "10_distill.ipynb")
+    assert (job.student, job.method, job.temperature, job.training.steps, job.kd.lmbda) == (
+        "micro-xs", "rkl", 2.0, 7, 0.25)
+
+
+def test_job_from_namespace_names_the_source_and_the_bad_key():
+    namespace = {"student": "micro-xs", "training": {"steps": 7, "lr": -1.0}}
+    with pytest.raises(ValueError) as err:
+        job_from_namespace(DistillJob, namespace, "10_distill.ipynb")
+    msg = str(err.value)
+    assert "10_distill.ipynb" in msg and "student_path" in msg and "training.lr" in msg
+
+
+def test_job_from_namespace_suggests_for_a_nested_typo():
+    namespace = {"student": "s", "student_path": "/m/s", "training": {"steps": 7, "warmup_step": 3}}
+    with pytest.raises(ValueError, match=r"training.warmup_step: unknown key \(did you mean 'warmup_steps'\?\)"):
+        job_from_namespace(DistillJob, namespace, "nb")
+
+
+def test_eval_job_from_namespace():
+    job = job_from_namespace(EvalJob, {"model": "m", "model_path": "/m", "kind": "kd", "student": "s",
+                                       "evaluation": {"limit": 3}}, "20_evaluate.ipynb")
+    assert job.kind == "kd" and job.evaluation.limit == 3
+    with pytest.raises(ValueError, match="kind"):
+        job_from_namespace(EvalJob, {"model": "m", "model_path": "/m", "kind": "teacher", "student": "s"}, "nb")
+
+
+def test_a_job_round_trips_through_json():
+    """Jobs travel to notebooks as plain parameters: dump -> validate gives the same job."""
+    job = DistillJob(student="s", student_path="/m/s", method="gkd", teacher_path="/m/t", training=TRAINING,
+                     kd={"lmbda": 1.0})
+    again = job_from_namespace(DistillJob, json.loads(job.model_dump_json()), "nb")
+    assert again == job
+
+
+# --- the project's params files -----------------------------------------------------------------
+
+@pytest.mark.skipif(not PARAMS, reason="no params/*.yaml in this checkout")
+@pytest.mark.parametrize("path", PARAMS, ids=[p.name for p in PARAMS])
+def test_every_params_file_loads_without_warnings(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_study(path)
+    assert cfg.kd_pairs(), "a study distills at least one pair"
+    for teacher, student in cfg.kd_pairs():
+        assert teacher in cfg.models and student in cfg.models and teacher != student
+        if isinstance(cfg.training.steps, dict):
+            assert cfg.steps_for(student) > 0
+
+
+def _micro_params():
+    out = []
+    for p in PARAMS:
+        raw = yaml.safe_load(p.read_text()) or {}
+        if raw.get("world"):
+            big = raw["world"].get("corpus_lines", 60000) > 10_000
+            marks = [pytest.mark.slow] if big else []
+            out.append(pytest.param(p, marks=marks, id=p.name))
+    return out
+
+
+@pytest.mark.skipif(not _micro_params(), reason="no micro params files")
+@pytest.mark.parametrize("path", _micro_params())
+def test_micro_world_examples_fit_the_training_max_length(path, tmp_path):
+    """With the study's own world and tokenizer, no training or test example is truncated."""
+    from kd_utils.models import load_tokenizer
+    from kd_utils.prepare import build_world
+    from kd_utils.tasks import build_prompt, format_response, resolve_tasks
+
+    cfg = load_study(path)
+    build_world(cfg.world, tmp_path)
+    tok = load_tokenizer(tmp_path / "tokenizer")
+    too_long = {}
+    for task in resolve_tasks("micro"):
+        for split in ("train", "test"):
+            items = json.loads((tmp_path / "data" / task.name / f"{split}.json").read_text())
+            prompts = tok([build_prompt(i["instruction"], i["input"]) for i in items])["input_ids"]
+            responses = tok([format_response(i["output"]) for i in items], add_special_tokens=False)["input_ids"]
+            longest = max(len(p) + len(r) + 1 for p, r in zip(prompts, responses))  # + eos
+            if longest > cfg.training.max_length:
+                too_long[f"{task.name}/{split}"] = longest
+    assert not too_long, f"max_length {cfg.training.max_length}: {too_long}"
