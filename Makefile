@@ -8,6 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= params/micro.yaml
+REF    ?= ../shared/reference/kd_generalization
 
 .PHONY: venv study quick test test-all lab bench reproduce clean-outputs
 
@@ -41,7 +42,7 @@ bench: venv
 	for b in tests/benchmarks/bench_*.py; do $(BIN)/python $$b --out outputs/benchmarks || exit 1; done
 
 reproduce: venv
-	$(BIN)/python -m kd_utils.stats reproduce --kd-generalization ../shared/reference/kd_generalization/*.csv --out outputs/reproduce
+	$(BIN)/python -m kd_utils.stats reproduce --kd-generalization $(addprefix $(REF)/,math_results_main.csv llama_math_results.csv EM1.csv BLEU.csv) --out outputs/reproduce
 
 clean-outputs:
 	rm -rf outputs/micro outputs/micro_quick

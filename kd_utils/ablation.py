@@ -25,8 +25,10 @@ def ablation_tables(results: pd.DataFrame) -> dict:
     main = kd[(kd["teacher_kind"] == "sft") & (kd["noise"] == 0)]
     notes: dict[str, str] = {}
 
-    temperature = main[main["method"] != "seqkd"]
-    if temperature["temperature"].nunique() < 2:
+    runs = ["student", "teacher", "method"]
+    swept = main[main["method"] != "seqkd"].groupby(runs)["temperature"].transform("nunique") > 1
+    temperature = main[main["method"] != "seqkd"][swept]
+    if temperature.empty:
         temperature = temperature.iloc[0:0]
     else:
         notes["temperature"] = "best temperature per student (mean accuracy over tasks): " + _best(

@@ -184,6 +184,11 @@ class StudyConfig(Strict):
             for name in pair:
                 if name not in known:
                     raise ValueError(f"pairs: {name!r} is not in models{_suggest(name, known)}")
+        for name, spec in self.models.items():
+            if spec.path is not None:
+                problem = _unreachable(spec.path)
+                if problem:
+                    raise ValueError(f"models.{name}.path: {problem}")
         if any(m.micro for m in self.models.values()) and self.world is None:
             raise ValueError("micro models need a 'world' section (the micro tasks, corpus and tokenizer)")
         for name in self.pretrain.steps:
@@ -203,6 +208,22 @@ class StudyConfig(Strict):
                 raise ValueError(f"training.steps has no entry for model {model!r}")
             return steps[model]
         return steps
+
+
+def _unreachable(path: str) -> str | None:
+    """Why a model path cannot be loaded, when that is knowable before any compute."""
+    import os
+
+    local = Path(path).expanduser()
+    if local.exists():
+        return None
+    if path.startswith(("/", ".", "~")):
+        return f"{path!r} does not exist"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from .models import _in_hub_cache
+        if not _in_hub_cache(path):
+            return f"{path!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE=1"
+    return None
 
 
 def _suggest(name: str, options) -> str:

@@ -133,8 +133,12 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                                 resources=res("prepare")))
         data_root = str(world_cell.output_dir(study) / "data")
 
+    # Largest models first: among ready cells the runner starts the earliest listed, so the
+    # long teacher runs (the critical path) start before the students'.
+    by_size = sorted(cfg.models, key=lambda m: -_param_count(cfg, m) if not math.isnan(_param_count(cfg, m)) else 0)
     base: dict[str, tuple[str, Cell | None]] = {}
-    for name, spec in cfg.models.items():
+    for name in by_size:
+        spec = cfg.models[name]
         if spec.micro:
             steps = cfg.pretrain.steps.get(name, 0)
             if steps <= 0:
@@ -163,7 +167,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
     def sft_cell(model: str, seed: int) -> Cell:
         path, base_cell = base[model]
         job = DistillJob(student=model, student_path=path, method="sft", seed=seed, steps=cfg.steps_for(model),
-                         training=training_for(model), kd=cfg.kd, data_root=data_root, cache_root=cache_root,
+                         training=training_for(model), data_root=data_root, cache_root=cache_root,
                          trust_remote_code=cfg.models[model].trust_remote_code)
         stage = "prepare" if model in cfg.teachers and seed == cfg.seeds[0] else "distill"
         cell = g.add(Cell(stage, f"sft/{model}/s{seed}", NB["distill"], job.model_dump(mode="json"),
@@ -172,7 +176,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         g.model_cells[f"{model}/sft/s{seed}"] = cell
         return cell
 
-    for model in cfg.models:
+    for model in by_size:
         if model in cfg.students or model in cfg.teachers:
             for seed in cfg.seeds:
                 if model in cfg.students or seed == cfg.seeds[0]:

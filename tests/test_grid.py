@@ -99,12 +99,14 @@ def test_plan_prints_stages_and_a_cost_estimate(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in PARAMS.glob("paper_*.yaml")))
-def test_paper_presets_plan_offline(preset, tmp_path, capsys):
+def test_paper_presets_plan_offline(preset, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # planning needs no download, only the ids
     assert main(["plan", str(PARAMS / preset), "--outputs", str(tmp_path)]) == 0
     assert "GPU-hours" in capsys.readouterr().out
 
 
-def test_paper_presets_hold_the_papers_eleven_pairs():
+def test_paper_presets_hold_the_papers_eleven_pairs(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     pairs = set()
     for p in PARAMS.glob("paper_*_math.yaml"):
         cfg = load_study(p)
@@ -134,3 +136,15 @@ def test_an_unknown_method_is_named_with_a_suggestion(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match=r"rkll.*did you mean 'rkl'"):
         load_study(path)
+
+
+def test_an_unreachable_model_fails_validation_before_compute(tmp_path, monkeypatch):
+    raw = yaml.safe_load((PARAMS / "paper_llama_math.yaml").read_text())
+    raw["models"]["llama-3.2-1b"] = {"path": str(tmp_path / "missing-model")}
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"models\.llama-3\.2-1b\.path: .*missing-model.* does not exist"):
+        load_study(path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"not a local directory nor in the hub cache, and HF_HUB_OFFLINE=1"):
+        load_study(PARAMS / "paper_llama_math.yaml")
