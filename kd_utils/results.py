@@ -94,27 +94,3 @@ def collect_fidelity(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
     if write:
         table.to_csv(study / "fidelity.csv", index=False)
     return table
-
-
-def training_runs(study_dir: str | Path) -> pd.DataFrame:
-    """One row per training run (SFT and KD): steps, seconds, best validation loss, teacher passes."""
-    study = Path(study_dir)
-    rows = []
-    for stage in ("prepare", "distill"):
-        for d, m in _cells(study, stage):
-            if "method" in m and "best_val_loss" in m:
-                rows.append({k: v for k, v in m.items() if k != "history"} | {"cell_id": d.name})
-    return pd.DataFrame(rows)
-
-
-def training_history(study_dir: str | Path) -> pd.DataFrame:
-    """Long table of every training run's curve: step, loss, val_loss, with the run's labels."""
-    study = Path(study_dir)
-    frames = []
-    for stage in ("prepare", "distill"):
-        for d, m in _cells(study, stage):
-            if "history" in m and "method" in m:
-                h = pd.DataFrame(m["history"])
-                frames.append(h.assign(student=m["student"], teacher=m["teacher"], method=m["method"],
-                                       temperature=m["temperature"], seed=m["seed"], cell_id=d.name))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
