@@ -132,11 +132,20 @@ def test_micro_models_need_a_world_section(tmp_path):
         load_study(path)
 
 
-def test_hub_models_need_no_world_section(tmp_path):
+def test_hub_models_need_no_world_section(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (tmp_path / "q0.5").mkdir()
     cfg = {**{k: v for k, v in BASE.items() if k != "world"},
-           "models": {"big": {"path": "Qwen/Qwen2.5-7B"}, "small": {"path": "/models/q0.5"}},
+           "models": {"big": {"path": "Qwen/Qwen2.5-7B"}, "small": {"path": str(tmp_path / "q0.5")}},
            "teachers": ["big"], "students": ["small"]}
     assert load_study(_write(tmp_path, cfg)).kd_pairs() == [("big", "small")]
+
+
+def test_a_missing_local_model_path_is_named(tmp_path):
+    cfg = {**{k: v for k, v in BASE.items() if k != "world"},
+           "models": {"big": {"path": str(tmp_path / "nowhere")}, "small": {"path": str(tmp_path)}},
+           "teachers": ["big"], "students": ["small"]}
+    assert "models.big.path" in _error(tmp_path, **cfg) and "does not exist" in _error(tmp_path, **cfg)
 
 
 @pytest.mark.parametrize("training", [{"steps": 10, "epochs": 2}, {"lr": 1e-3}])
