@@ -29,10 +29,10 @@ quick: venv
 	$(BIN)/python -m kd_utils.grid run params/micro_quick.yaml
 
 test: venv
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --timeout 900
 
 test-all: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --timeout 1800
 
 lab: venv
 	$(BIN)/jupyter lab notebooks/

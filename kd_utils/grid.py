@@ -97,17 +97,14 @@ def _steps(cfg: StudyConfig, model: str) -> float:
 
 
 def _eval_tokens(cfg: StudyConfig) -> float:
-    """Tokens one model reads and writes in evaluation (prompt ~ half of max_length, plus the budget)."""
-    from .tasks import MAX_NEW_TOKENS, load_items, resolve_tasks
+    """Tokens one model reads and writes in evaluation (prompt ~ half of max_length, plus the
+    budget), counting test items from local files only (planning never downloads)."""
+    from .tasks import MAX_NEW_TOKENS, default_data_root, resolve_tasks
+    root = Path(cfg.evaluation.data_root) if cfg.evaluation.data_root else default_data_root()
     total = 0.0
     for task in resolve_tasks(cfg.evaluation.tasks):
-        if cfg.world:
-            n = cfg.world.n_test
-        else:
-            try:
-                n = len(load_items(task, cfg.evaluation.data_root))
-            except (FileNotFoundError, ValueError):
-                n = 1000
+        local = root / task.local_dir / "test.json"
+        n = cfg.world.n_test if cfg.world else len(json.loads(local.read_text())) if local.is_file() else 1000
         n = min(n, cfg.evaluation.limit or n)
         budget = cfg.evaluation.max_new_tokens.get(task.domain, MAX_NEW_TOKENS[task.domain])
         total += n * (cfg.training.max_length / 2 + budget)
