@@ -37,8 +37,10 @@ def loss_curve(history: pd.DataFrame | list[dict], title: str) -> plt.Figure:
 
 
 def accuracy_heatmap(results: pd.DataFrame, title: str = "Accuracy per model and task") -> plt.Figure:
-    """Models (rows) x tasks (columns), accuracy in percent."""
+    """Models (rows, by size then name) x tasks (columns), accuracy in percent."""
+    order = results.drop_duplicates("model").sort_values(["student_params", "model"])["model"]
     table = results.pivot_table(index="model", columns="task", values="accuracy", aggfunc="mean", sort=False)
+    table = table.reindex(order)
     fig, ax = plt.subplots(figsize=(1 + 0.55 * table.shape[1], 1 + 0.32 * table.shape[0]))
     im = ax.imshow(table.values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=60, ha="right", fontsize=8)

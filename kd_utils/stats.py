@@ -265,8 +265,9 @@ def _location_tests(hypothesis: str, x: pd.Series, method: str, task: str, domai
     if len(x) < 3 or x.std() == 0:
         return []
     tt = pg.ttest(x.to_numpy(), 0, alternative=alternative).iloc[0]
+    d = float(np.sign(x.mean())) * abs(float(tt["cohen_d"]))  # pingouin reports |d|; keep the gain's sign
     rows = [_row(hypothesis, method, task, domain, "ttest", tt["T"], tt["p_val"], len(x),
-                 x.mean(), tt["CI95"], tt["cohen_d"], "cohen_d")]
+                 x.mean(), tt["CI95"], d, "cohen_d")]
     wx = pg.wilcoxon(x.to_numpy(), alternative=alternative).iloc[0]
     rows.append(_row(hypothesis, method, task, domain, "wilcoxon", wx["W_val"], wx["p_val"],
                      len(x), x.median(), effect=wx["RBC"], effect_name="rank_biserial"))

@@ -129,6 +129,13 @@ def test_h1_detects_a_known_positive_shift():
     assert (null["p_value"] > 0.3).all()
 
 
+def test_cohens_d_keeps_the_sign_of_a_loss():
+    values = np.random.default_rng(1).normal(-3.0, 1.0, 12)
+    t = st.h1_kd_vs_sft(_gains(values))
+    tt = t[(t["test"] == "ttest") & (t["method"] == "all")].iloc[0]
+    assert tt["effect"] == pytest.approx(values.mean() / values.std(ddof=1)) and tt["effect"] < 0
+
+
 def test_monotone_relation_gives_rho_minus_one():
     values = np.arange(10.0, 0.0, -1.0)
     t = st.h3_student_size(_gains(values))
