@@ -38,6 +38,7 @@ lab: venv
 	$(BIN)/jupyter lab notebooks/
 
 bench: venv
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
 	mkdir -p outputs/benchmarks
 	for b in tests/benchmarks/bench_*.py; do $(BIN)/python $$b --out outputs/benchmarks || exit 1; done
 
