@@ -334,6 +334,8 @@ def method_differences(gains: pd.DataFrame) -> pd.DataFrame:
         k = d["method"].nunique()
         if k < 2 or len(d) < 3 or len(d) <= k:
             continue
+        if d.groupby("method")["gain"].var(ddof=0).sum() == 0:
+            continue  # no variance within methods: F is undefined (pingouin leaves it out)
         a = pg.anova(data=d, dv="gain", between="method").iloc[0]
         rows.append(_row("methods", "all", task, domain, "anova", a["F"], a["p_unc"], len(d),
                          effect=a["np2"], effect_name="partial_eta2"))
@@ -344,6 +346,8 @@ def method_differences(gains: pd.DataFrame) -> pd.DataFrame:
         correct = k > 2 and n_subj > k
         r = pg.rm_anova(data=s, dv="gain", within="method", subject="subject",
                         correction=correct).iloc[0]
+        if "F" not in r:
+            continue
         rows.append(_row("methods", "all", task, domain, "rm_anova", r["F"],
                          r["p_GG_corr"] if correct else r["p_unc"], n_subj,
                          effect=r["ng2"], effect_name="generalized_eta2"))

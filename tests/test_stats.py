@@ -129,6 +129,11 @@ def test_h1_detects_a_known_positive_shift():
     assert (null["p_value"] > 0.3).all()
 
 
+def test_method_tests_skip_gains_without_variance():
+    g = pd.concat([_gains(np.zeros(4)).assign(method=m) for m in ("fkl", "rkl")], ignore_index=True)
+    assert st.method_differences(g).empty
+
+
 def test_cohens_d_keeps_the_sign_of_a_loss():
     values = np.random.default_rng(1).normal(-3.0, 1.0, 12)
     t = st.h1_kd_vs_sft(_gains(values))
