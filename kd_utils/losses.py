@@ -271,6 +271,7 @@ def sparse_kd_loss(
     beta: float = 0.5,
     alpha: float = 0.1,
     reduction: str = "mean",
+    teacher_tail_logz: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`kd_loss` from a top-k teacher cache, on k + 1 buckets (the k ids + one tail).
 
@@ -278,6 +279,10 @@ def sparse_kd_loss(
     (untempered) top-k logits and their distinct ids in [0, V). ``teacher_logz``: (...) or
     (..., 1), logsumexp over the FULL teacher vocabulary of teacher_logits / tau at THIS tau.
     Equals kd_loss at k = V, is <= kd_loss for k < V (see the module docstring).
+    ``teacher_tail_logz`` (same shape as ``teacher_logz``, optional): logsumexp of the teacher's
+    logits / tau over the tokens OUTSIDE the top-k, with the same shift as ``teacher_logz``. When
+    given, the teacher's tail is exact (``tail - logZ``) instead of ``log(1 - head mass)``, which
+    rounds to an empty tail for a confident teacher and then overweights rkl-type objectives.
     """
     fn = _check_args(objective, temperature, beta, alpha, reduction)
     if student_logits.dim() < 1:
@@ -297,8 +302,10 @@ def sparse_kd_loss(
     idx = _rows(mask, lead, student_logits.device)
     s, z = student_logits.reshape(n, vocab), topk_logits.reshape(n, k)
     ids, lz = topk_ids.reshape(n, k).long(), teacher_logz.reshape(n)
+    tl = _check_logz(teacher_tail_logz, lead).reshape(n) if teacher_tail_logz is not None else None
     if idx is not None:
         s, z, ids, lz = (x.index_select(0, idx) for x in (s, z, ids, lz))
+        tl = tl.index_select(0, idx) if tl is not None else None
     tau = float(temperature)
     s_lp = F.log_softmax(s.to(dtype) / tau, dim=-1)
     s_head = s_lp.gather(-1, ids)
@@ -306,7 +313,10 @@ def sparse_kd_loss(
     # (adds <= k * 1e-38 of mass) so an empty tail (k = V) stays finite with finite grads.
     s_tail = s_lp.scatter(-1, ids, LOG_PROB_FLOOR).logsumexp(-1)
     t_head = z.to(dtype) / tau - lz.to(dtype).unsqueeze(-1)
-    t_tail = _teacher_tail(t_head.logsumexp(-1))
+    if tl is None:
+        t_tail = _teacher_tail(t_head.logsumexp(-1))
+    else:
+        t_tail = (tl.to(dtype) - lz.to(dtype)).clamp(min=LOG_PROB_FLOOR)
     t_b = torch.cat([t_head, t_tail.unsqueeze(-1)], dim=-1)
     s_b = torch.cat([s_head, s_tail.unsqueeze(-1)], dim=-1)
     vals = fn(t_b, s_b, beta=beta, alpha=alpha) * tau**2

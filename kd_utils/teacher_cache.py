@@ -30,7 +30,7 @@ depend on batching -- and top-k and logZ are taken from the noisy logits: the ca
 exact for that draw. The live teacher redraws noise every step; the cache fixes one draw per
 position, a different but equally valid ablation. Noise sigma and seed are part of the key.
 
-Layout: ``<out_root>/<key>/shard-00000.safetensors ...`` (per shard: values, ids, logz, local
+Layout: ``<out_root>/<key>/shard-00000.safetensors ...`` (per shard: values, ids, logz, tail, local
 per-example offsets, example indices), and ``manifest.json`` written LAST with each shard's size
 and sha256. Files are written under temporary names and renamed; a directory without a manifest
 is incomplete. :func:`ensure_cache` opens a valid cache or rebuilds (missing, partial, corrupt,
@@ -79,10 +79,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the exact tail log-mass is stored beside logZ
 MANIFEST = "manifest.json"
 _KEY_CHARS = 16
-_TENSORS = ("values", "ids", "logz", "offsets", "index")
+_TENSORS = ("values", "ids", "logz", "tail", "offsets", "index")
 
 
 class CorruptCacheError(ValueError):
@@ -160,6 +160,7 @@ class TeacherCache:
     values: torch.Tensor = field(repr=False)  # [N, k] float16, logits minus the position's max
     ids: torch.Tensor = field(repr=False)  # [N, k] int16 / int32
     logz: torch.Tensor = field(repr=False)  # [N, n_temperatures] float32, shifted like values
+    tail: torch.Tensor = field(repr=False)  # [N, n_temperatures] float32: logsumexp over the non-top-k tokens
     offsets: torch.Tensor = field(repr=False)  # [n_examples + 1] int64
     index: torch.Tensor = field(repr=False)  # [n_examples] int64, strictly increasing
     forward_passes: int = 0
@@ -247,8 +248,10 @@ def _row_seed(noise_seed: int, index: int) -> int:
 @torch.inference_mode()
 def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab_size: int, k: int,
                     temperatures: Sequence[float], noise: float, noise_seed: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One teacher forward over ``examples``: (values fp16, ids, logz fp32) at their target positions.
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One teacher forward over ``examples``: (values fp16, ids, logz fp32, tail fp32) at their
+    target positions; tail = logsumexp over the tokens outside the top-k, exact (never 1 - head,
+    which rounds to 0 for a confident teacher).
     Right padding (id 0) is masked out and after every real token, so it changes no real logit."""
     device = next(teacher.parameters()).device
     batch = collate(examples, 0)
@@ -272,7 +275,9 @@ def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab
     # consistent distribution, so at k = V the head sums to 1 and no spurious tail appears.
     y = z.sub_(top[:, :1]).scatter_(-1, ids, values.float())  # in place: z is a private copy
     logz = torch.stack([(y if t == 1.0 else y / t).logsumexp(-1) for t in temperatures], dim=-1)
-    return values.cpu(), ids.to(_id_dtype(vocab_size)).cpu(), logz.cpu()
+    rest = y.scatter(-1, ids, float("-inf"))
+    tail = torch.stack([(rest if t == 1.0 else rest / t).logsumexp(-1) for t in temperatures], dim=-1)
+    return values.cpu(), ids.to(_id_dtype(vocab_size)).cpu(), logz.cpu(), tail.cpu()
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -324,7 +329,7 @@ def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root:
             counts = torch.tensor([len(examples[r].response_ids) for r in rows])
             tensors = {
                 "values": torch.cat([p[0] for p in parts]), "ids": torch.cat([p[1] for p in parts]),
-                "logz": torch.cat([p[2] for p in parts]),
+                "logz": torch.cat([p[2] for p in parts]), "tail": torch.cat([p[3] for p in parts]),
                 "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
                 "index": torch.tensor([examples[r].index for r in rows], dtype=torch.long),
             }
@@ -398,6 +403,7 @@ def _shard_problems(t: dict[str, torch.Tensor], entry: dict, m: dict, id_dtype: 
     (a, b), (ea, eb) = entry["positions"], entry["examples"]
     n, n_ex, k, n_tau = b - a, eb - ea, m["k"], len(m["temperatures"])
     expected = {"values": (torch.float16, (n, k)), "ids": (id_dtype, (n, k)), "logz": (torch.float32, (n, n_tau)),
+                "tail": (torch.float32, (n, n_tau)),
                 "offsets": (torch.int64, (n_ex + 1,)), "index": (torch.int64, (n_ex,))}
     problems = [f"{name} is {t[name].dtype} {tuple(t[name].shape)}, expected {dtype} {shape}"
                 for name, (dtype, shape) in expected.items() if (t[name].dtype, tuple(t[name].shape)) != (dtype, shape)]
@@ -427,6 +433,7 @@ def open_cache(path_or_root: str | Path, key: str | None = None, verify: bool = 
     cache = TeacherCache(path=path, manifest=m, values=torch.empty((n, m["k"]), dtype=torch.float16),
                          ids=torch.empty((n, m["k"]), dtype=id_dtype),
                          logz=torch.empty((n, len(m["temperatures"])), dtype=torch.float32),
+                         tail=torch.empty((n, len(m["temperatures"])), dtype=torch.float32),
                          offsets=torch.zeros(n_ex + 1, dtype=torch.long), index=torch.empty(n_ex, dtype=torch.long))
     pos = ex = 0
     for entry in m["shards"]:
@@ -438,7 +445,7 @@ def open_cache(path_or_root: str | Path, key: str | None = None, verify: bool = 
         if problems or b > n or eb > n_ex:
             raise CorruptCacheError(f"teacher cache shard {path / entry['file']} contradicts the manifest: "
                                     f"{'; '.join(problems) or 'ranges beyond the totals'}")
-        for name in ("values", "ids", "logz"):
+        for name in ("values", "ids", "logz", "tail"):
             getattr(cache, name)[a:b] = t[name]
         cache.offsets[ea + 1: eb + 1] = t["offsets"][1:] + a
         cache.index[ea:eb] = t["index"]
@@ -532,20 +539,21 @@ class CachedTeacher:
         return self.cache.temperature_column(s.temperature)
 
     def signal(self, batch: dict[str, torch.Tensor], mask: torch.Tensor, column: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values [N, k], ids [N, k], logz [N]) of the mask's True positions, row-major order."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values [N, k], ids [N, k], logz [N], tail [N]) of the mask's True positions, row-major order."""
         rows = self.cache.positions(batch["index"], mask.sum(1))
         device = mask.device
         return (self.cache.values[rows].to(device), self.cache.ids[rows].to(device),
-                self.cache.logz[rows, column].to(device))
+                self.cache.logz[rows, column].to(device), self.cache.tail[rows, column].to(device))
 
     def kd_sum(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor,
                s: KDSettings) -> torch.Tensor:
         """Summed KD loss over the mask's positions (student_logits [B, T-1, V], mask [B, T-1])."""
         column = self.check(s)
-        values, ids, logz = self.signal(batch, mask, column)
+        values, ids, logz, tail = self.signal(batch, mask, column)
         return sparse_kd_loss(student_logits[mask], values, ids, logz, objective=s.objective,
-                              temperature=s.temperature, beta=s.beta, alpha=s.alpha, reduction="sum")
+                              temperature=s.temperature, beta=s.beta, alpha=s.alpha, reduction="sum",
+                              teacher_tail_logz=tail)
 
 
 def teacher_for(settings: KDSettings, live_teacher_factory: Callable[[], object], cache: TeacherCache | None,

@@ -435,3 +435,26 @@ def test_topk_noise_tail_scaling_matches_dense_noise():
     target = sparse_kd_loss(s, zn, ids, (tn / tau).logsumexp(-1), temperature=tau).item()
     assert abs(out[True] - target) < abs(out[False] - target)
     assert abs(out[True] - target) < 0.02 * target
+
+
+def test_exact_teacher_tail_fixes_a_confident_teacher_whose_head_mass_rounds_to_one():
+    """1 - (top-k mass) rounds to 0 in float32 for a confident teacher; the stored exact tail
+    log-mass keeps rkl at its float64 bucketed value instead of the floor's ~87-nat penalty."""
+    torch.manual_seed(0)
+    V, k = 64, 4
+    t = torch.zeros(3, V, dtype=torch.float64)
+    t[:, 0] = 60.0  # tail mass ~ 60 * e^-60: exactly 0 after float32 rounding of the head
+    s = torch.randn(3, V, dtype=torch.float64)
+    top, ids = t.topk(k, dim=-1)
+    logz = t.logsumexp(-1)
+    tail = t.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    # float64 reference on the k + 1 buckets
+    tp = torch.cat([top - logz[:, None], (tail - logz)[:, None]], -1).exp()
+    sl = s.log_softmax(-1)
+    sp = torch.cat([sl.gather(-1, ids), sl.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)], -1).exp()
+    ref = (sp * (sp.log() - tp.log())).sum(-1).mean()
+    f32 = dict(objective="rkl", temperature=1.0)
+    exact = sparse_kd_loss(s.float(), top.float(), ids, logz.float(), teacher_tail_logz=tail.float(), **f32)
+    rounded = sparse_kd_loss(s.float(), top.float(), ids, logz.float(), **f32)
+    assert exact.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert rounded.item() > ref.item() + 10  # the empty-tail floor overweights the student's tail

@@ -111,7 +111,7 @@ def test_build_then_open_round_trips(setup, caches):
     assert cache.nbytes / n_pos < 100
 
     again = TC.open_cache(cache.path)
-    for name in ("values", "ids", "logz", "offsets", "index"):
+    for name in ("values", "ids", "logz", "tail", "offsets", "index"):
         assert torch.equal(getattr(again, name), getattr(cache, name))
     assert again.forward_passes == 0
     reused = _build(s, cache.path.parent, 16)
@@ -127,8 +127,12 @@ def test_build_then_open_round_trips(setup, caches):
     top, ids = z.topk(16, -1)
     assert torch.equal(cache.ids[rows, 0].long(), ids[:, 0])
     torch.testing.assert_close(cache.values[rows].float(), top - top[:, :1], atol=5e-3, rtol=1e-3)
+    rest = z.scatter(-1, ids, float("-inf"))
     for j, tau in enumerate(TEMPS):
         torch.testing.assert_close(cache.logz[rows, j], (z / tau).logsumexp(-1) - top[:, 0] / tau,
+                                   atol=2e-3, rtol=1e-4)
+        # the exact tail log-mass (tokens outside the top-k), shifted like logZ
+        torch.testing.assert_close(cache.tail[rows, j], (rest / tau).logsumexp(-1) - top[:, 0] / tau,
                                    atol=2e-3, rtol=1e-4)
 
 
