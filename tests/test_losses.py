@@ -17,15 +17,6 @@ from kd_utils.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (it doubled the run time here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 NAMES = ["fkl", "rkl", "gjsd", "skew_fkl", "skew_rkl", "tvd"]
 B, T, V = 3, 5, 11
 
