@@ -23,14 +23,6 @@ PROMPTS = [build_prompt("Add 2 and 3."),  # different lengths and endings, so ou
            "Is the sky green? true"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model runs fastest on one thread (several threads contend on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
