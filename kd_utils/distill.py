@@ -13,7 +13,7 @@ import torch
 
 from .config import DistillJob, KDConfig, TrainingConfig
 from .data import Example, collate, epoch_batches, split_validation, tokenize_pairs
-from .methods import KDSettings, LiveTeacher, OnPolicySampler, kd_objective
+from .methods import KDSettings, LiveTeacher, OnPolicySampler, kd_objective, noise_seed
 from .models import apply_lora, best_device, check_compatible, count_parameters, load_model
 from .tasks import build_prompt, load_items, resolve_tasks
 from .training import OptimSettings, cycle_steps, token_ce, train
@@ -70,7 +70,6 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
         vocab = check_compatible(teacher_tok, tokenizer, job.teacher, job.student)
 
     prompts, train_ex, val_ex = training_examples(tokenizer, job.training, job.data_root)
-    examples = train_ex + val_ex
     if job.method == "seqkd":
         train_ex = _teacher_generated(job, teacher, tokenizer, prompts, train_ex)
 
@@ -98,7 +97,7 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
         signal = _teacher_signal(job, settings, teacher, tokenizer, train_ex, vocab)
         objective = kd_objective(signal, settings, vocab)
         if job.method == "gkd":
-            longest = max(len(e.response_ids) for e in examples)
+            longest = max(len(e.response_ids) for e in train_ex + val_ex)
             prepare = OnPolicySampler(settings.lmbda, longest, pad, tokenizer.eos_token_id, seed=job.seed)
 
     result = train(student, cycle_steps(epoch), objective,
@@ -139,14 +138,16 @@ def open_teacher_cache(teacher, teacher_path: str, tokenizer, train_ex: list[Exa
                         noise=noise, noise_seed=noise_seed, vocab_size=vocab)
 
 
-def teacher_generations(teacher, teacher_path: str, tokenizer, prompts: list[str], cache_root: str,
-                        max_new_tokens: int) -> list[str]:
-    """SeqKD's greedy teacher generations for these prompts (made once, cached)."""
+def teacher_generations(teacher, teacher_path: str, tokenizer, prompts: list[str], train_ex: list[Example],
+                        cache_root: str, max_new_tokens: int) -> tuple[list[str], list[str]]:
+    """SeqKD's greedy teacher generations for the training examples' prompts (made once,
+    cached): (those prompts, the generations), in train_ex order."""
     from .teacher_cache import cached_generations, generations_key
 
-    key = generations_key(teacher_path, tokenizer, prompts, max_new_tokens)
-    return cached_generations(teacher, tokenizer, prompts, cache_root, key, max_new_tokens=max_new_tokens,
-                              batch_size=64)
+    chosen = [prompts[e.index] for e in train_ex]
+    key = generations_key(teacher_path, tokenizer, chosen, max_new_tokens)
+    return chosen, cached_generations(teacher, tokenizer, chosen, cache_root, key, max_new_tokens=max_new_tokens,
+                                      batch_size=64)
 
 
 def build_teacher_cache(teacher_path: str, training: dict, kd: dict, data_root: str | None, cache_root: str,
@@ -166,9 +167,7 @@ def build_teacher_cache(teacher_path: str, training: dict, kd: dict, data_root: 
            "bytes": size, "bytes_per_token": size / max(1, int(cache.offsets[-1])),
            "teacher_forward_passes": cache.forward_passes, "seconds": time.perf_counter() - t0}
     if generations:
-        idx = [e.index for e in train_ex]
-        teacher_generations(teacher, teacher_path, tokenizer, [prompts[i] for i in idx], cache_root,
-                            training.max_length)
+        teacher_generations(teacher, teacher_path, tokenizer, prompts, train_ex, cache_root, training.max_length)
     return out
 
 
@@ -178,10 +177,9 @@ def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, t
     if job.kd.teacher_cache and job.method != "gkd":
         from .teacher_cache import CachedTeacher
 
-        noise_seed = job.seed if job.noise else 0
         cache = open_teacher_cache(teacher, job.teacher_path, tokenizer, train_ex, job.training, job.kd,
                                    job.cache_root, job.cache_temperatures or (job.temperature,), job.noise,
-                                   noise_seed, vocab)
+                                   noise_seed(job.noise, job.seed), vocab)
         return CachedTeacher(cache, vocab, forward_passes=cache.forward_passes)
     if job.method == "gkd" and job.kd.teacher_cache:
         print("gkd is on-policy: it trains on student samples, so it uses the live teacher, not the cache")
@@ -190,11 +188,10 @@ def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, t
 
 def _teacher_generated(job: DistillJob, teacher, tokenizer, prompts: list[str], train_ex: list[Example]) -> list[Example]:
     """SeqKD (the paper's text): the training responses are the teacher's greedy generations."""
-    idx = [e.index for e in train_ex]
-    gens = teacher_generations(teacher, job.teacher_path, tokenizer, [prompts[i] for i in idx], job.cache_root,
-                               job.training.max_length)
-    regenerated = tokenize_pairs(tokenizer, [prompts[i] for i in idx], gens, job.training.max_length)
-    return [Example(e.prompt_ids, e.response_ids, i) for e, i in zip(regenerated, idx)]
+    chosen, gens = teacher_generations(teacher, job.teacher_path, tokenizer, prompts, train_ex, job.cache_root,
+                                       job.training.max_length)
+    regenerated = tokenize_pairs(tokenizer, chosen, gens, job.training.max_length)
+    return [Example(r.prompt_ids, r.response_ids, e.index) for r, e in zip(regenerated, train_ex)]
 
 
 def _save(model, tokenizer, job: DistillJob, out: Path) -> None:

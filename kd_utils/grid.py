@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DistillJob, EvalJob, StudyConfig, load_study
-from .methods import WORD_LEVEL
-from .runner import Cell, format_plan, plan, run
+from .methods import WORD_LEVEL, noise_seed
+from .runner import Cell, format_plan, plan, run, select_cells
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -203,11 +203,11 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
     caches: dict[tuple, Cell] = {}
 
     def cache_cell(teacher: str, kind: str, noise: float, seed: int) -> Cell:
-        key = (teacher, kind, noise, seed if noise else 0)
+        key = (teacher, kind, noise, noise_seed(noise, seed))
         if key not in caches:
             path, tcell = teacher_source(teacher, kind)
             params = {"teacher": teacher, "teacher_path": path, "teacher_kind": kind, "noise": noise,
-                      "noise_seed": seed if noise else 0, "temperatures": sorted(temps_of_teacher[(teacher, kind)]),
+                      "noise_seed": noise_seed(noise, seed), "temperatures": sorted(temps_of_teacher[(teacher, kind)]),
                       "training": training_for(teacher), "kd": kd_dump, "data_root": data_root,
                       "cache_root": cache_root, "generations": (teacher, kind) in seqkd_teachers and not noise}
             caches[key] = g.add(Cell("prepare", f"prepare/cache/{teacher}/{kind}/n{noise:g}" + (f"/s{seed}" if noise else ""),
@@ -253,14 +253,13 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         eval_cells.append(g.add(Cell("evaluate", f"evaluate/{key}", NB["evaluate"], job.model_dump(mode="json"),
                                      deps=(cell.id,), resources=res("evaluate")),
                                 flops=2 * _param_count(cfg, p["student"]) * eval_tokens))
-    if any("base" in kinds for *_, kinds, _p in subgrids):
-        for teacher in {t for *_, kinds, pairs in subgrids if "base" in kinds for t, _ in pairs}:
-            path, bcell = base[teacher]
-            job = EvalJob(model=f"{teacher}/base", model_path=path, kind="base", student=teacher, method="base",
-                          evaluation=cfg.evaluation, data_root=data_root)
-            eval_cells.append(g.add(Cell("evaluate", f"evaluate/{teacher}/base", NB["evaluate"],
-                                         job.model_dump(mode="json"), deps=deps_of(bcell), resources=res("evaluate")),
-                                    flops=2 * _param_count(cfg, teacher) * eval_tokens))
+    for teacher in {t for *_, kinds, pairs in subgrids if "base" in kinds for t, _ in pairs}:
+        path, bcell = base[teacher]
+        job = EvalJob(model=f"{teacher}/base", model_path=path, kind="base", student=teacher, method="base",
+                      evaluation=cfg.evaluation, data_root=data_root)
+        eval_cells.append(g.add(Cell("evaluate", f"evaluate/{teacher}/base", NB["evaluate"],
+                                     job.model_dump(mode="json"), deps=deps_of(bcell), resources=res("evaluate")),
+                                flops=2 * _param_count(cfg, teacher) * eval_tokens))
 
     # Analysis: the inputs' ids are a parameter, so new results make a new analysis cell.
     inputs = hashlib.sha256(",".join(sorted(c.id for c in eval_cells)).encode()).hexdigest()[:12]
@@ -318,10 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     study = grid.study_dir
     if args.command == "plan":
         table = plan(grid.cells, study, cost=_cost_column(grid))
-        if args.only:
-            table = table[table.apply(lambda r: any(o in r["name"] or o == r["id"] or o == r["stage"]
-                                                    for o in args.only), axis=1)]
-        print(format_plan(table, max_rows=10_000))
+        try:
+            chosen = {c.id for c in select_cells(grid.cells, args.only)}  # the selection `run --only` makes
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(format_plan(table[table["id"].isin(chosen)], max_rows=10_000))
         print(_summary_line(grid))
         return 0
     if args.command == "report":

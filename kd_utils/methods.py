@@ -60,6 +60,12 @@ class KDSettings:
         return self.method not in ("sft", "seqkd")
 
 
+def noise_seed(noise: float, seed: int) -> int:
+    """The seed of the teacher-noise draw: the run's seed when there is noise, else 0 (a
+    noise-free teacher signal does not depend on the seed, so one cache serves every seed)."""
+    return seed if noise else 0
+
+
 class LiveTeacher:
     """A frozen teacher run forward on every batch; logits sliced to the shared vocabulary
     and, for the noise ablation, perturbed by z + N(0, sigma^2)."""

@@ -75,9 +75,8 @@ def collect_fidelity(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
             teacher_model[(m["student"], "base")] = name
         elif m["kind"] == "sft":
             teacher_model.setdefault((m["student"], "sft"), name)
-    pairs, files = [], {}
-    for name, (d, m) in evals.items():
-        files[name] = d / "predictions.jsonl"
+    files = {name: d / "predictions.jsonl" for name, (d, _) in evals.items()}
+    pairs = []
     for name, (_, m) in evals.items():
         if m["kind"] == "kd" and (m["teacher"], m["teacher_kind"]) in teacher_model:
             pairs.append((name, teacher_model[(m["teacher"], m["teacher_kind"])]))
@@ -86,9 +85,7 @@ def collect_fidelity(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
             for t in sorted({evals[k][1]["teacher"] for k, _t in pairs if evals[k][1]["student"] == m["student"]}):
                 if (t, "sft") in teacher_model and teacher_model[(t, "sft")] != name:
                     pairs.append((name, teacher_model[(t, "sft")]))
-    if not pairs:
-        return pd.DataFrame(columns=["model", "teacher", "task", "agreement", "bleu", "chrf", "n"])
-    table = fidelity_table(files, pairs)
+    table = fidelity_table(files, pairs)  # an empty table with the fidelity.csv columns when no pairs
     # Name the teacher by model name (as results.csv does), not by its evaluation key.
     table["teacher"] = table["teacher"].map(lambda k: evals[k][1]["student"])
     if write:

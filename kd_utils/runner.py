@@ -273,7 +273,8 @@ def _matches(cell: Cell, pattern: str) -> bool:
     return any(pattern in f for f in fields)
 
 
-def _select(cells: list[Cell], only: Sequence[str] | None) -> list[Cell]:
+def select_cells(cells: list[Cell], only: Sequence[str] | None) -> list[Cell]:
+    """The cells whose name, id or stage matches a pattern of `only` (substring or glob); all when None."""
     if only is None:
         return cells
     if isinstance(only, str):
@@ -760,7 +761,7 @@ def run(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{label} must be a positive int, got {value!r}")
     ordered = _validate(cells)
-    selected = _select(ordered, only)
+    selected = select_cells(ordered, only)
     for cell in selected:
         if not cell.notebook.is_file():
             raise FileNotFoundError(f"cell {cell.name!r}: notebook {cell.notebook} does not exist")
