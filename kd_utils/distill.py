@@ -172,18 +172,17 @@ def build_teacher_cache(teacher_path: str, training: dict, kd: dict, data_root: 
 
 
 def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, train_ex: list[Example], vocab: int):
-    """The cached teacher for off-policy methods when the cache is on; the live teacher for
-    on-policy GKD (its batches are student samples the cache cannot hold) or without cache."""
-    if job.kd.teacher_cache and job.method != "gkd":
-        from .teacher_cache import CachedTeacher
+    """The run's teacher signal (:func:`kd_utils.teacher_cache.teacher_for`): the cache when it is
+    on (gkd: only for its gold batches), else the live teacher."""
+    from .teacher_cache import teacher_for
 
+    cache = None
+    if job.kd.teacher_cache:
         cache = open_teacher_cache(teacher, job.teacher_path, tokenizer, train_ex, job.training, job.kd,
                                    job.cache_root, job.cache_temperatures or (job.temperature,), job.noise,
                                    noise_seed(job.noise, job.seed), vocab)
-        return CachedTeacher(cache, vocab, forward_passes=cache.forward_passes)
-    if job.method == "gkd" and job.kd.teacher_cache:
-        print("gkd is on-policy: it trains on student samples, so it uses the live teacher, not the cache")
-    return LiveTeacher(teacher, vocab, noise=job.noise, seed=job.seed)
+    return teacher_for(settings, lambda: LiveTeacher(teacher, vocab, noise=job.noise, seed=job.seed), cache,
+                       log=print, vocab_size=vocab)
 
 
 def _teacher_generated(job: DistillJob, teacher, tokenizer, prompts: list[str], train_ex: list[Example]) -> list[Example]:

@@ -157,9 +157,11 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
     def deps_of(*cells: Cell | None) -> tuple[str, ...]:
         return tuple(c.id for c in cells if c is not None)
 
-    def train_flops(student: str, teacher: str | None, live: bool) -> float:
+    def train_flops(student: str, teacher: str | None, live_share: float) -> float:
+        """Student training plus the live teacher's forward passes on `live_share` of the batches."""
         tokens = _steps(cfg, student) * _tokens_per_step(cfg)
-        return 6 * _param_count(cfg, student) * tokens + (2 * _param_count(cfg, teacher) * tokens if live else 0)
+        return 6 * _param_count(cfg, student) * tokens + (2 * _param_count(cfg, teacher) * tokens * live_share
+                                                          if live_share else 0)
 
     def sft_cell(model: str, seed: int) -> Cell:
         path, base_cell = base[model]
@@ -169,7 +171,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         stage = "prepare" if model in cfg.teachers and seed == cfg.seeds[0] else "distill"
         cell = g.add(Cell(stage, f"sft/{model}/s{seed}", NB["distill"], job.model_dump(mode="json"),
                           deps=deps_of(base_cell, world_cell), resources=res(stage)),
-                     flops=train_flops(model, None, False))
+                     flops=train_flops(model, None, 0.0))
         g.model_cells[f"{model}/sft/s{seed}"] = cell
         return cell
 
@@ -224,7 +226,8 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                             for seed in cfg.seeds:
                                 tpath, tcell = teacher_source(teacher, kind)
                                 spath, scell = base[student]
-                                cached = cfg.kd.teacher_cache and method in WORD_LEVEL
+                                cached = cfg.kd.teacher_cache and (method in WORD_LEVEL or method == "gkd")
+                                live_share = (cfg.kd.lmbda if method == "gkd" else 0.0) if cached else 1.0
                                 ccell = cache_cell(teacher, kind, noise, seed) if cached or method == "seqkd" else None
                                 job = DistillJob(
                                     student=student, student_path=spath, method=method, teacher=teacher,
@@ -237,7 +240,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                                 cell = g.add(Cell("distill", name, NB["distill"], job.model_dump(mode="json"),
                                                   deps=deps_of(scell, tcell, ccell, world_cell),
                                                   resources=res("distill")),
-                                             flops=train_flops(student, teacher, not cached))
+                                             flops=train_flops(student, teacher, live_share))
                                 g.model_cells[name] = cell
 
     # Evaluation: every trained model, and base teachers when the base-teacher ablation runs.

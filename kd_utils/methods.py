@@ -147,4 +147,5 @@ class OnPolicySampler:
                 gen = gen[: gen.index(self.eos_id) + 1]
             examples.append(Example(tuple(p), tuple(gen) or (self.eos_id,), idx))
         new = collate(examples, self.pad_id)
+        new["on_policy"] = torch.tensor(True)
         return {k: v.to(device) for k, v in new.items()}

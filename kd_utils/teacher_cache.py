@@ -36,8 +36,9 @@ and sha256. Files are written under temporary names and renamed; a directory wit
 is incomplete. :func:`ensure_cache` opens a valid cache or rebuilds (missing, partial, corrupt,
 or built with other settings), under a file lock so parallel cells build it once.
 
-On-policy GKD samples the student, so it cannot use the cache (:func:`teacher_for`). SeqKD's
-teacher generations are cached the same way by :func:`cached_generations`.
+On-policy GKD trains on student samples, which no cache can hold: :func:`teacher_for` gives it
+the cache on its gold (off-policy) batches and the live teacher on the batches of student samples.
+SeqKD's teacher generations are cached the same way by :func:`cached_generations`.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ __all__ = [
     "ensure_cache",
     "generations_key",
     "open_cache",
+    "OnPolicyTeacher",
     "teacher_for",
 ]
 
@@ -556,18 +558,37 @@ class CachedTeacher:
                               teacher_tail_logz=tail)
 
 
+class OnPolicyTeacher:
+    """GKD's teacher signal: the cache on gold batches, the live teacher on the batches whose
+    responses are student samples (marked ``on_policy`` by :class:`~kd_utils.methods.OnPolicySampler`)."""
+
+    def __init__(self, cached: CachedTeacher, live):
+        self.cached, self.live = cached, live
+
+    @property
+    def forward_passes(self) -> int:
+        return self.cached.forward_passes + self.live.forward_passes
+
+    def kd_sum(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor,
+               s: KDSettings) -> torch.Tensor:
+        teacher = self.live if bool(batch.get("on_policy", False)) else self.cached
+        return teacher.kd_sum(student_logits, batch, mask, s)
+
+
 def teacher_for(settings: KDSettings, live_teacher_factory: Callable[[], object], cache: TeacherCache | None,
-                log: Callable[[str], None] = logger.info):
-    """The teacher of one run: the cache for off-policy word-level KD, the live teacher for gkd
-    (on-policy: its batches are student samples no cache holds) or when there is no cache."""
-    if settings.method == "gkd":
-        log("gkd is on-policy: using the live teacher")
-        return live_teacher_factory()
+                log: Callable[[str], None] = logger.info, vocab_size: int | None = None):
+    """The teacher of one run: the live teacher without a cache; the cache for off-policy
+    word-level KD; for on-policy gkd, the cache on gold batches and the live teacher on
+    student samples. Raises before training when the cache cannot serve the settings."""
     if cache is None:
         return live_teacher_factory()
-    teacher = CachedTeacher(cache, cache.vocab_size, forward_passes=cache.forward_passes)
-    teacher.check(settings)
-    return teacher
+    cached = CachedTeacher(cache, cache.vocab_size if vocab_size is None else vocab_size,
+                           forward_passes=cache.forward_passes)
+    cached.check(settings)
+    if settings.method == "gkd":
+        log("gkd is on-policy: the live teacher scores its student samples, the cache its gold batches")
+        return OnPolicyTeacher(cached, live_teacher_factory())
+    return cached
 
 
 # --------------------------------------------------------------------------- SeqKD generations

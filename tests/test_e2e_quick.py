@@ -78,7 +78,9 @@ def test_the_teacher_cache_served_the_off_policy_runs(study):
     runs = [json.loads(m.read_text()) for m in (path / "distill").glob("*/metrics.json")]
     kd = {r["method"]: r for r in runs if r["method"] != "sft"}
     assert kd["fkl"]["teacher_signal"] == "CachedTeacher" and kd["rkl"]["teacher_signal"] == "CachedTeacher"
-    assert kd["gkd"]["teacher_signal"] == "LiveTeacher" and kd["gkd"]["on_policy_batches"] > 0
+    assert kd["gkd"]["teacher_signal"] == "OnPolicyTeacher" and kd["gkd"]["on_policy_batches"] > 0
+    # gkd ran the teacher live on its on-policy batches only (one pass each), the cache served the rest
+    assert kd["gkd"]["teacher_forward_passes"] == kd["gkd"]["on_policy_batches"]
     assert kd["fkl"]["teacher_forward_passes"] == 0  # built once by the prepare stage, reused
 
 

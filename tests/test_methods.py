@@ -311,6 +311,18 @@ def test_fkl_from_the_teacher_cache_learns_and_matches_the_live_teacher(micro, r
     assert first_cached >= 0.95 * first_live
 
 
+def test_gkd_with_the_cache_runs_the_teacher_only_on_its_student_samples(micro, runs):
+    live, _ = runs("gkd", cache=False)
+    cached, run_dir = runs("gkd", cache=True)
+    fkl_cached, _ = runs("fkl", cache=True)
+    assert cached["teacher_signal"] == "OnPolicyTeacher"
+    _check_learns_the_teacher(micro, cached, run_dir, "gkd")
+    # The same coin flips, so the same batches are on-policy; the teacher ran on those and built the cache.
+    assert cached["on_policy_batches"] == live["on_policy_batches"] > 0
+    assert cached["teacher_forward_passes"] == fkl_cached["teacher_forward_passes"] + cached["on_policy_batches"]
+    assert cached["teacher_forward_passes"] - fkl_cached["teacher_forward_passes"] < live["teacher_forward_passes"]
+
+
 def _manifests(cache_root):
     return {p: p.stat().st_mtime_ns for p in cache_root.rglob("manifest.json")}
 

@@ -348,7 +348,7 @@ def test_training_a_student_through_the_cache(setup, caches):
     assert kd_per_token() < 0.8 * before
 
 
-def test_teacher_for_picks_the_cache_except_for_on_policy_gkd(setup, caches):
+def test_teacher_for_picks_the_cache_and_the_live_teacher_only_for_student_samples(setup, caches):
     made, messages = [], []
 
     def live():
@@ -357,11 +357,37 @@ def test_teacher_for_picks_the_cache_except_for_on_policy_gkd(setup, caches):
 
     assert isinstance(TC.teacher_for(KDSettings("rkl"), live, caches[16], messages.append), TC.CachedTeacher)
     assert not made
-    assert TC.teacher_for(KDSettings("gkd"), live, caches[16], messages.append) is made[-1]
-    assert messages == ["gkd is on-policy: using the live teacher"]
+    gkd = TC.teacher_for(KDSettings("gkd"), live, caches[16], messages.append)
+    assert isinstance(gkd, TC.OnPolicyTeacher) and gkd.live is made[-1]
+    assert messages == ["gkd is on-policy: the live teacher scores its student samples, the cache its gold batches"]
     assert TC.teacher_for(KDSettings("fkl"), live, None, messages.append) is made[-1]
     with pytest.raises(ValueError, match="temperature 4.0"):
         TC.teacher_for(KDSettings("fkl", temperature=4.0), live, caches[16], messages.append)
+    with pytest.raises(ValueError, match="temperature 4.0"):
+        TC.teacher_for(KDSettings("gkd", temperature=4.0), live, caches[16], messages.append)
+
+
+def test_gkd_reads_gold_batches_from_the_cache_and_scores_student_samples_live(setup, caches, student_logits):
+    s = setup
+    student_logits, b, mask = student_logits
+    settings = KDSettings("gkd")
+    cached = TC.CachedTeacher(caches[s.vocab], s.vocab)
+    live = LiveTeacher(s.teacher, s.vocab)
+    teacher = TC.OnPolicyTeacher(cached, live)
+    gold = teacher.kd_sum(student_logits, b, mask, settings)
+    assert live.forward_passes == 0  # the gold batch came from the cache
+    torch.testing.assert_close(gold, live.kd_sum(student_logits, b, mask, settings), rtol=2e-5, atol=1e-4)
+    live.forward_passes = 0
+    # A batch of student samples: same example indices, other responses -> the live teacher.
+    sampled = collate([type(e)(e.prompt_ids, tuple(reversed(e.response_ids[:-1])) + e.response_ids[-1:], e.index)
+                       for e in (s.examples[i] for i in b["index"].tolist())], s.pad)
+    sampled["on_policy"] = torch.tensor(True)
+    smask = sampled["labels"][:, 1:] != IGNORE
+    got = teacher.kd_sum(student_logits[:, : smask.shape[1]], sampled, smask, settings)
+    assert live.forward_passes == 1 and teacher.forward_passes == cached.forward_passes + 1
+    expected = LiveTeacher(s.teacher, s.vocab).kd_sum(student_logits[:, : smask.shape[1]], sampled, smask, settings)
+    assert torch.allclose(got, expected)
+    assert not torch.allclose(got, gold)
 
 
 # --------------------------------------------------------------------------- SeqKD generations
