@@ -68,14 +68,14 @@ class LoraConfig(Strict):
 
 
 class TrainingConfig(Strict):
-    """Optimisation shared by SFT and KD runs. `steps` is an int or a per-model dict."""
+    """Optimisation shared by SFT and KD runs. `steps` and `batch_size` are an int or a per-model dict."""
 
     train_tasks: str | list[str] = "micro"
     train_data: str | None = Field(None, description="an LLM-Adapters JSON file (Math10K...) instead of tasks")
     steps: int | dict[str, int] | None = None
     epochs: float | None = Field(None, gt=0)
     lr: float = Field(3e-4, gt=0)
-    batch_size: int = Field(16, gt=0)
+    batch_size: int | dict[str, int] = 16
     grad_accum: int = Field(1, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -90,7 +90,20 @@ class TrainingConfig(Strict):
     def _length(self) -> "TrainingConfig":
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of 'steps' or 'epochs'")
+        for key in ("steps", "batch_size"):
+            value = getattr(self, key)
+            for model, v in (value.items() if isinstance(value, dict) else [("", value)]):
+                if v is not None and v <= 0:
+                    raise ValueError(f"training.{key}{'.' + model if model else ''} must be positive, got {v}")
         return self
+
+    def batch_for(self, model: str) -> int:
+        """The batch size of `model`'s runs."""
+        if isinstance(self.batch_size, dict):
+            if model not in self.batch_size:
+                raise ValueError(f"training.batch_size has no entry for model {model!r}")
+            return self.batch_size[model]
+        return self.batch_size
 
 
 class KDConfig(Strict):
@@ -191,9 +204,18 @@ class StudyConfig(Strict):
                     raise ValueError(f"models.{name}.path: {problem}")
         if any(m.micro for m in self.models.values()) and self.world is None:
             raise ValueError("micro models need a 'world' section (the micro tasks, corpus and tokenizer)")
-        for name in self.pretrain.steps:
-            if name not in known:
-                raise ValueError(f"pretrain.steps: {name!r} is not in models{_suggest(name, known)}")
+        per_model = {"pretrain.steps": self.pretrain.steps, "training.steps": self.training.steps,
+                     "training.batch_size": self.training.batch_size}
+        for key, value in per_model.items():
+            for name in value if isinstance(value, dict) else ():
+                if name not in known:
+                    raise ValueError(f"{key}: {name!r} is not in models{_suggest(name, known)}")
+        trained = set(self.teachers) | set(self.students)
+        for key in ("training.steps", "training.batch_size"):
+            value = per_model[key]
+            missing = sorted(trained - set(value)) if isinstance(value, dict) else []
+            if missing:
+                raise ValueError(f"{key} has no entry for {missing}")
         return self
 
     def kd_pairs(self) -> list[tuple[str, str]]:

@@ -81,7 +81,7 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
     student.train()
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bs, accum = job.training.batch_size, job.training.grad_accum
+    bs, accum = job.training.batch_for(job.student), job.training.grad_accum
 
     def epoch(e: int):
         order = list(epoch_batches(len(train_ex), bs, job.seed, e))

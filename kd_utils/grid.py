@@ -93,7 +93,7 @@ def _steps(cfg: StudyConfig, model: str) -> float:
     steps = cfg.steps_for(model)
     if steps is not None:
         return steps
-    return cfg.training.epochs * _train_examples(cfg) / (cfg.training.batch_size * cfg.training.grad_accum)
+    return cfg.training.epochs * _train_examples(cfg) / (cfg.training.batch_for(model) * cfg.training.grad_accum)
 
 
 def _eval_tokens(cfg: StudyConfig) -> float:
@@ -111,8 +111,8 @@ def _eval_tokens(cfg: StudyConfig) -> float:
     return total * len(cfg.evaluation.sample_seeds if cfg.evaluation.decoding == "sample" else [0])
 
 
-def _tokens_per_step(cfg: StudyConfig) -> float:
-    return cfg.training.batch_size * cfg.training.grad_accum * cfg.training.max_length / 2
+def _tokens_per_step(cfg: StudyConfig, model: str) -> float:
+    return cfg.training.batch_for(model) * cfg.training.grad_accum * cfg.training.max_length / 2
 
 
 def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
@@ -151,15 +151,17 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
             base[name] = (spec.path, None)
 
     def training_for(model: str) -> dict:
+        """The training section of one model's runs, its per-model steps and batch size resolved."""
         steps = cfg.steps_for(model)
-        return {**train_dump, "steps": steps} if steps is not None else train_dump
+        resolved = {**train_dump, "batch_size": cfg.training.batch_for(model)}
+        return {**resolved, "steps": steps} if steps is not None else resolved
 
     def deps_of(*cells: Cell | None) -> tuple[str, ...]:
         return tuple(c.id for c in cells if c is not None)
 
     def train_flops(student: str, teacher: str | None, live_share: float) -> float:
         """Student training plus the live teacher's forward passes on `live_share` of the batches."""
-        tokens = _steps(cfg, student) * _tokens_per_step(cfg)
+        tokens = _steps(cfg, student) * _tokens_per_step(cfg, student)
         return 6 * _param_count(cfg, student) * tokens + (2 * _param_count(cfg, teacher) * tokens * live_share
                                                           if live_share else 0)
 

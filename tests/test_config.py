@@ -54,12 +54,23 @@ def test_overrides_replace_top_level_sections(tmp_path):
     assert cfg.training.steps == 3 and cfg.seeds == [1, 2]
 
 
-def test_steps_for_reads_per_model_steps_and_names_a_missing_model(tmp_path):
-    cfg = load_study(_write(tmp_path, {**BASE, "training": {"steps": {"micro-xs": 5, "micro-s": 7}}}))
-    assert (cfg.steps_for("micro-xs"), cfg.steps_for("micro-s")) == (5, 7)
-    with pytest.raises(ValueError, match="micro-m"):
-        cfg.steps_for("micro-m")
+def test_per_model_steps_and_batch_sizes_are_read_and_a_missing_or_unknown_model_is_named(tmp_path):
+    per_model = {"steps": {"micro-xs": 5, "micro-s": 7, "micro-m": 9}, "batch_size": {"micro-xs": 4, "micro-s": 4,
+                                                                                     "micro-m": 8}}
+    cfg = load_study(_write(tmp_path, {**BASE, "training": per_model}))
+    assert (cfg.steps_for("micro-xs"), cfg.steps_for("micro-m")) == (5, 9)
+    assert (cfg.training.batch_for("micro-s"), cfg.training.batch_for("micro-m")) == (4, 8)
     assert load_study(_write(tmp_path, BASE)).steps_for("micro-m") == 10
+    for key in ("steps", "batch_size"):
+        missing = {**per_model, key: {"micro-xs": 5, "micro-s": 7}}
+        with pytest.raises(ValueError, match=rf"training.{key} has no entry for \['micro-m'\]"):
+            load_study(_write(tmp_path, {**BASE, "training": missing}))
+        typo = {**per_model, key: {**per_model[key], "micro-mm": 3}}
+        with pytest.raises(ValueError, match=rf"training.{key}: 'micro-mm' is not in models.*micro-m"):
+            load_study(_write(tmp_path, {**BASE, "training": typo}))
+    with pytest.raises(ValueError, match="training.batch_size.micro-s must be positive"):
+        load_study(_write(tmp_path, {**BASE, "training": {**per_model, "batch_size": {**per_model["batch_size"],
+                                                                                      "micro-s": 0}}}))
 
 
 # --- file-level errors --------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_ids_are_stable_and_change_only_with_what_determines_a_cell(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     b = {c.name: c.id for c in expand(load_study(path), tmp_path).cells}
     assert a["sft/micro-xs/s0"] != b["sft/micro-xs/s0"]
-    assert a["sft/micro-l/s0"] == b["sft/micro-l/s0"]  # the teacher is untouched
+    assert a["sft/micro-m/s0"] == b["sft/micro-m/s0"]  # the teacher is untouched
     assert a["fidelity"] != b["fidelity"]  # the analysis reads new results
 
 
@@ -149,3 +149,19 @@ def test_an_unreachable_model_fails_validation_before_compute(tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"not a local directory nor in the hub cache, and HF_HUB_OFFLINE=1"):
         load_study(PARAMS / "paper_llama_math.yaml")
+
+
+def test_a_model_that_is_teacher_and_student_is_trained_once_and_runs_get_their_batch_size(micro):
+    cfg, g = micro
+    both = set(cfg.teachers) & set(cfg.students)
+    assert both, "params/micro.yaml has a model in both roles, as the paper's grid"
+    for m in both:
+        sft = [c for c in g.cells if c.name.startswith(f"sft/{m}/")]
+        assert len(sft) == len(cfg.seeds) and sft[0].stage == "prepare"
+        taught = [c for c in g.cells if c.name.startswith("kd/") and c.parameters["teacher"] == m
+                  and c.parameters["teacher_kind"] == "sft"]
+        assert taught and all(sft[0].id in c.deps for c in taught)
+    for c in g.cells:
+        if c.name.startswith(("sft/", "kd/")):
+            assert c.parameters["training"]["batch_size"] == cfg.training.batch_for(c.parameters["student"]), c.name
+    assert {cfg.training.batch_for(m) for m in cfg.models} == {16, 32}
