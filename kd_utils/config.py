@@ -117,7 +117,9 @@ class KDConfig(Strict):
     beta: float = Field(0.5, ge=0, le=1)
     alpha: float = Field(0.1, ge=0, le=1)
     lmbda: float = Field(0.5, ge=0, le=1)
-    teacher_cache: bool = True
+    teacher_cache: bool | Literal["always"] = Field(True, description=(
+        "true: cache each teacher signal whose runs would otherwise pass more examples through the teacher "
+        "than the one cache build does (the grid says which); 'always': cache every signal; false: live teachers"))
     cache_k: int = Field(16, gt=0)
 
     @field_validator("methods")

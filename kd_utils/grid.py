@@ -48,6 +48,7 @@ class Grid:
     cells: list[Cell] = field(default_factory=list)
     cost: dict[str, float] = field(default_factory=dict)  # cell id -> estimated FLOPs
     model_cells: dict[str, Cell] = field(default_factory=dict)  # trained model name -> its cell
+    notes: list[str] = field(default_factory=list)  # planning decisions worth a line in `plan`/`run`
 
     def add(self, cell: Cell, flops: float = 0.0) -> Cell:
         if all(c.id != cell.id for c in self.cells):
@@ -204,10 +205,44 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                 if "seqkd" in methods:
                     seqkd_teachers.add((t, kind))
 
+    def kd_runs():
+        """(teacher, student, method, kind, noise, tau, seed) of every KD run: the main grid, then the ablations."""
+        for _, methods, temps, noises, kinds, pairs in subgrids:
+            for teacher, student in pairs:
+                for method in methods:
+                    for kind in kinds:
+                        for noise in ([0.0] if method == "seqkd" else noises):
+                            for tau in ([1.0] if method == "seqkd" else temps):
+                                for seed in cfg.seeds:
+                                    yield teacher, student, method, kind, noise, tau, seed
+
+    def signal(teacher: str, kind: str, noise: float, seed: int) -> tuple:
+        return teacher, kind, noise, noise_seed(noise, seed)
+
+    # A cache pays when the runs reading it would otherwise pass more examples through the teacher
+    # than its one build does (gkd reads only its gold, off-policy batches from it).
+    cacheable = lambda method: method in WORD_LEVEL or method == "gkd"  # noqa: E731
+    live_examples: dict[tuple, float] = {}
+    for teacher, student, method, kind, noise, tau, seed in kd_runs():
+        if cacheable(method):
+            share = 1 - cfg.kd.lmbda if method == "gkd" else 1.0
+            key = signal(teacher, kind, noise, seed)
+            live_examples[key] = live_examples.get(key, 0.0) + share * _steps(cfg, student) * \
+                cfg.training.batch_for(student) * cfg.training.grad_accum
+    build_examples = max(1, _train_examples(cfg) - cfg.training.n_val)
+    use_cache = {k: cfg.kd.teacher_cache == "always" or (cfg.kd.teacher_cache is True and n > build_examples)
+                 for k, n in live_examples.items()}
+    skipped = [k for k, cached in use_cache.items() if not cached]
+    if cfg.kd.teacher_cache is True and skipped:
+        g.notes.append(
+            f"teacher cache: {len(use_cache) - len(skipped)} teacher signals cached; "
+            f"{len(skipped)} read by too few runs to repay a build over {build_examples} examples run live "
+            f"({', '.join(f'{t}/{k}/noise {n:g}' for t, k, n, _ in skipped)}; kd.teacher_cache: always caches them)")
+
     caches: dict[tuple, Cell] = {}
 
     def cache_cell(teacher: str, kind: str, noise: float, seed: int) -> Cell:
-        key = (teacher, kind, noise, noise_seed(noise, seed))
+        key = signal(teacher, kind, noise, seed)
         if key not in caches:
             path, tcell = teacher_source(teacher, kind)
             params = {"teacher": teacher, "teacher_path": path, "teacher_kind": kind, "noise": noise,
@@ -219,31 +254,25 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                                 flops=2 * _param_count(cfg, teacher) * _train_tokens(cfg))
         return caches[key]
 
-    for _, methods, temps, noises, kinds, pairs in subgrids:
-        for teacher, student in pairs:
-            for method in methods:
-                for kind in kinds:
-                    for noise in ([0.0] if method == "seqkd" else noises):
-                        for tau in ([1.0] if method == "seqkd" else temps):
-                            for seed in cfg.seeds:
-                                tpath, tcell = teacher_source(teacher, kind)
-                                spath, scell = base[student]
-                                cached = cfg.kd.teacher_cache and (method in WORD_LEVEL or method == "gkd")
-                                live_share = (cfg.kd.lmbda if method == "gkd" else 0.0) if cached else 1.0
-                                ccell = cache_cell(teacher, kind, noise, seed) if cached or method == "seqkd" else None
-                                job = DistillJob(
-                                    student=student, student_path=spath, method=method, teacher=teacher,
-                                    teacher_path=tpath, teacher_kind=kind, temperature=tau, noise=noise, seed=seed,
-                                    steps=cfg.steps_for(student), training=training_for(student), kd=cfg.kd,
-                                    data_root=data_root, cache_root=cache_root,
-                                    cache_temperatures=sorted(temps_of_teacher[(teacher, kind)]) if cached else None,
-                                    trust_remote_code=cfg.models[student].trust_remote_code)
-                                name = f"kd/{student}<-{teacher}/{method}/t{tau:g}/n{noise:g}/{kind}/s{seed}"
-                                cell = g.add(Cell("distill", name, NB["distill"], job.model_dump(mode="json"),
-                                                  deps=deps_of(scell, tcell, ccell, world_cell),
-                                                  resources=res("distill")),
-                                             flops=train_flops(student, teacher, live_share))
-                                g.model_cells[name] = cell
+    for teacher, student, method, kind, noise, tau, seed in kd_runs():
+        tpath, tcell = teacher_source(teacher, kind)
+        spath, scell = base[student]
+        cached = cacheable(method) and use_cache[signal(teacher, kind, noise, seed)]
+        live_share = (cfg.kd.lmbda if method == "gkd" else 0.0) if cached else 1.0
+        ccell = cache_cell(teacher, kind, noise, seed) if cached or method == "seqkd" else None
+        job = DistillJob(
+            student=student, student_path=spath, method=method, teacher=teacher,
+            teacher_path=tpath, teacher_kind=kind, temperature=tau, noise=noise, seed=seed,
+            steps=cfg.steps_for(student), training=training_for(student),
+            kd=cfg.kd.model_copy(update={"teacher_cache": cached}),
+            data_root=data_root, cache_root=cache_root,
+            cache_temperatures=sorted(temps_of_teacher[(teacher, kind)]) if cached else None,
+            trust_remote_code=cfg.models[student].trust_remote_code)
+        name = f"kd/{student}<-{teacher}/{method}/t{tau:g}/n{noise:g}/{kind}/s{seed}"
+        cell = g.add(Cell("distill", name, NB["distill"], job.model_dump(mode="json"),
+                          deps=deps_of(scell, tcell, ccell, world_cell), resources=res("distill")),
+                     flops=train_flops(student, teacher, live_share))
+        g.model_cells[name] = cell
 
     # Evaluation: every trained model, and base teachers when the base-teacher ablation runs.
     eval_cells = []
@@ -328,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(format_plan(table[table["id"].isin(chosen)], max_rows=10_000))
-        print(_summary_line(grid))
+        print("\n".join(grid.notes + [_summary_line(grid)]))
         return 0
     if args.command == "report":
         from .report import render_report
@@ -336,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     study.mkdir(parents=True, exist_ok=True)
     (study / "params.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    for note in grid.notes:
+        print(note)
     executor = args.executor or cfg.executor.get("kind", "local")
     summary = run(grid.cells, study, executor=executor, max_workers=args.max_workers or cfg.executor.get("max_workers"),
                   only=args.only, force=args.force,

@@ -50,23 +50,44 @@ def test_kd_cells_cover_pairs_methods_and_temperatures(micro):
 
 
 def test_ablations_add_noise_and_base_teacher_cells(micro):
-    _, g = micro
+    cfg, g = micro
     noisy = [c for c in g.cells if c.name.startswith("kd/") and c.parameters["noise"] > 0]
     base = [c for c in g.cells if c.name.startswith("kd/") and c.parameters["teacher_kind"] == "base"]
-    assert {c.parameters["noise"] for c in noisy} == {1.0, 5.0}
+    assert {c.parameters["noise"] for c in noisy} == {n for a in cfg.ablations for n in a.noise or ()} == {5.0}
     assert base and all("/pretrain/" in c.parameters["teacher_path"].replace("\\", "/") or
                         c.parameters["teacher_path"].endswith("model") for c in base)
     assert any(c.name.endswith("/base") and c.stage == "evaluate" for c in g.cells)
 
 
-def test_every_kd_run_depends_on_the_teacher_cache(micro):
-    """Word-level KD reads the cache; gkd reads it for its gold batches (student samples go live)."""
+def test_reused_teacher_signals_are_cached_and_single_run_ones_run_live(micro):
+    """kd.teacher_cache: true caches a signal when its runs would pass more examples through the
+    teacher than one build does; gkd reads its gold batches from the cache too."""
     _, g = micro
     caches = {c.id for c in g.cells if c.notebook == NB["cache"]}
     kd = [c for c in g.cells if c.name.startswith("kd/")]
-    assert {c.parameters["method"] for c in kd} >= {"fkl", "rkl", "gkd"}
-    for c in kd:
-        assert caches & set(c.deps), c.name
+    main = [c for c in kd if c.parameters["noise"] == 0 and c.parameters["teacher_kind"] == "sft"]
+    assert {c.parameters["method"] for c in main} == {"fkl", "rkl", "gkd"}
+    for c in main:  # micro-m teaches 8 runs, micro-s 3: both signals are reused
+        assert caches & set(c.deps) and c.parameters["kd"]["teacher_cache"] is True, c.name
+    single = [c for c in kd if c.parameters["noise"] > 0 or c.parameters["teacher_kind"] == "base"]
+    assert single
+    for c in single:  # one run each, 16k examples, against a 27.5k-example build
+        assert not caches & set(c.deps) and c.parameters["kd"]["teacher_cache"] is False, c.name
+    assert any("run live" in n and "micro-m/base/noise 0" in n for n in g.notes)
+
+
+@pytest.mark.parametrize("setting, cached", [("always", True), (False, False)])
+def test_teacher_cache_always_caches_every_signal_and_false_none(tmp_path, setting, cached):
+    raw = yaml.safe_load((PARAMS / "micro.yaml").read_text())
+    raw["kd"]["teacher_cache"] = setting
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    g = expand(load_study(path), tmp_path)
+    caches = {c.id for c in g.cells if c.notebook == NB["cache"]}
+    for c in g.cells:
+        if c.name.startswith("kd/"):
+            assert bool(caches & set(c.deps)) == cached and c.parameters["kd"]["teacher_cache"] is cached, c.name
+    assert not g.notes
 
 
 def test_one_cache_cell_per_teacher_and_noise_level(micro):

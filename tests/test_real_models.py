@@ -56,7 +56,7 @@ def tiny_real_study(tmp_path_factory):
         "training": {"train_data": str(root / "train.json"), "steps": 4, "lr": 1e-3, "batch_size": 4,
                      "warmup_steps": 1, "eval_every": 2, "n_val": 8, "max_length": 128,
                      "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-        "kd": {"methods": ["fkl", "gkd"], "temperatures": [2.0], "teacher_cache": True},
+        "kd": {"methods": ["fkl", "gkd"], "temperatures": [2.0], "teacher_cache": "always"},
         "evaluation": {"tasks": ["micro_addsub", "micro_boolq"], "data_root": str(root / "data"), "limit": 4,
                        "batch_size": 8, "max_new_tokens": {"math": 8, "commonsense": 8}},
         "executor": {"kind": "local", "max_workers": 2, "threads_per_worker": 1},
