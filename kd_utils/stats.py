@@ -150,21 +150,22 @@ def _teacher_accuracy(sft: pd.DataFrame, teachers: Iterable[str]) -> pd.DataFram
         if rows.empty:
             warnings.warn(f"no SFT row for teacher {t!r}: its teacher_accuracy is NaN", stacklevel=3)
             continue
-        acc = rows.groupby("task")["accuracy"].mean().rename("teacher_accuracy").reset_index()
+        acc = rows.groupby(["task", "domain"])["accuracy"].mean().rename("teacher_accuracy").reset_index()
         parts.append(acc.assign(teacher=t))
     if not parts:
-        return pd.DataFrame(columns=["teacher", "task", "teacher_accuracy"])
+        return pd.DataFrame(columns=["teacher", "task", "domain", "teacher_accuracy"])
     return pd.concat(parts, ignore_index=True)
 
 
 def _sft_accuracy(gains: pd.DataFrame, sft: pd.DataFrame) -> pd.Series:
-    """The student's SFT accuracy, same seed and task; else the mean over seeds (warned)."""
-    same = sft.groupby(["student", "seed", "task"])["accuracy"].mean().rename("sft_accuracy")
-    acc = gains.join(same, on=["student", "seed", "task"])["sft_accuracy"]
+    """The student's SFT accuracy, same seed, task and domain (each domain has its own Average);
+    else the mean over seeds (warned)."""
+    same = sft.groupby(["student", "seed", "task", "domain"])["accuracy"].mean().rename("sft_accuracy")
+    acc = gains.join(same, on=["student", "seed", "task", "domain"])["sft_accuracy"]
     missing = acc.isna()
     if missing.any():
-        mean = sft.groupby(["student", "task"])["accuracy"].mean().rename("sft_accuracy")
-        fallback = gains[missing].join(mean, on=["student", "task"])["sft_accuracy"]
+        mean = sft.groupby(["student", "task", "domain"])["accuracy"].mean().rename("sft_accuracy")
+        fallback = gains[missing].join(mean, on=["student", "task", "domain"])["sft_accuracy"]
         filled = fallback.notna()
         if filled.any():
             which = gains.loc[fallback[filled].index, ["student", "seed"]].drop_duplicates()
@@ -221,7 +222,7 @@ def gain_table(results: pd.DataFrame, fidelity: pd.DataFrame | None = None,
 
     out = _aggregate_tau(kd, tau, values).reset_index(drop=True)
     out["sft_accuracy"] = _sft_accuracy(out, sft)
-    out = out.merge(_teacher_accuracy(sft, out["teacher"].unique()), on=["teacher", "task"], how="left")
+    out = out.merge(_teacher_accuracy(sft, out["teacher"].unique()), on=["teacher", "task", "domain"], how="left")
     out["gain"] = out["accuracy"] - out["sft_accuracy"]
     columns = GAIN_KEYS + ["tau_used", "accuracy", "sft_accuracy", "teacher_accuracy", "gain"]
     columns += values[1:] + ["student_params", "teacher_params"]

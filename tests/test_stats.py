@@ -86,6 +86,23 @@ def test_average_rows_are_averaged_per_model_before_aggregation(results):
         st.gain_table(pd.concat([results, results.head(1).assign(task="Average")]))
 
 
+def test_each_domain_average_is_compared_with_the_same_domain_average():
+    """A student's SFT (and the teacher's) Average is per domain, not pooled over domains."""
+    rows = []
+    for task, domain, sft, teacher, kd in (("m1", "math", 10.0, 90.0, 14.0), ("m2", "math", 20.0, 100.0, 22.0),
+                                           ("c1", "commonsense", 40.0, 50.0, 41.0), ("c2", "commonsense", 60.0, 40.0, 63.0)):
+        rows += [_row("s", "sft", "s", task, sft, domain=domain),
+                 _row("T", "sft", "T", task, teacher, student_params=4e6, domain=domain),
+                 _kd("s", task, kd, 1.0, domain=domain)]
+    g = st.gain_table(pd.DataFrame(rows), tau="max")
+    avg = g[g["task"] == "Average"].set_index("domain")
+    assert avg.loc["math", "sft_accuracy"] == pytest.approx(15.0) and avg.loc["math", "gain"] == pytest.approx(3.0)
+    assert avg.loc["commonsense", "sft_accuracy"] == pytest.approx(50.0)
+    assert avg.loc["commonsense", "gain"] == pytest.approx(2.0)
+    assert avg.loc["math", "teacher_accuracy"] == pytest.approx(95.0)
+    assert avg.loc["commonsense", "teacher_accuracy"] == pytest.approx(45.0)
+
+
 def test_fidelity_follows_the_chosen_temperature(results):
     kd = results[results["kind"] == "kd"]
     fid = kd[["model", "teacher", "task"]].assign(
