@@ -2,7 +2,7 @@
 # make test    set up .venv and run the tests (slow end-to-end tests excluded)
 # make quick   the quick micro grid (params/micro_quick.yaml)
 # make lab     JupyterLab on notebooks/
-# make bench   the benchmarks (results in outputs/benchmarks/; about 35 min: it runs the micro-study twice)
+# make bench   the benchmarks (results in outputs/benchmarks/; about 30 min: bench_study.py runs the micro-study twice)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
