@@ -346,33 +346,39 @@ def _install(src: Path, dest: Path, cell_id: str, result: bool) -> None:
 
 
 def _tidy(study: Path, stages: set[str], owner: str) -> None:
-    """Remove leftovers of killed runs whose cell lock is free; restore a result lost mid-replacement."""
+    """Remove leftovers of killed runs whose cell lock is free; restore a result lost mid-replacement.
+
+    A cell whose lock is still held (its killed worker not yet gone) is tidied when it next executes.
+    """
     for stage in sorted(stages):
         stage_dir = study / stage
         if not stage_dir.is_dir():
             continue
-        leftovers: dict[str, list[Path]] = {}
-        for entry in sorted(stage_dir.iterdir()):
-            match = _LEFTOVER_RE.fullmatch(entry.name)
-            if match:
-                leftovers.setdefault(match[2], []).append(entry)
-        for cell_id, entries in leftovers.items():
+        ids = {m[2] for m in map(_LEFTOVER_RE.fullmatch, (e.name for e in stage_dir.iterdir())) if m}
+        for cell_id in sorted(ids):
             fd = _try_lock(_lock_path(study, cell_id), owner)
             if fd is None:
                 continue
             try:
-                final = stage_dir / cell_id
-                for entry in entries:
-                    if entry.name.startswith(".replaced-") and _stamp(final) is None and _stamp(entry):
-                        if final.exists():
-                            trash = _aside(final, "trash", cell_id)
-                            os.rename(final, trash)
-                            shutil.rmtree(trash, ignore_errors=True)
-                        os.rename(entry, final)
-                    else:
-                        shutil.rmtree(entry, ignore_errors=True)
+                _tidy_cell(stage_dir, cell_id)
             finally:
                 os.close(fd)
+
+
+def _tidy_cell(stage_dir: Path, cell_id: str) -> None:
+    """With the cell's lock held: restore a complete result moved aside, remove the other leftovers."""
+    final = stage_dir / cell_id
+    for entry in sorted(stage_dir.glob(f".*-{cell_id}-*")):
+        if not _LEFTOVER_RE.fullmatch(entry.name):
+            continue
+        if entry.name.startswith(".replaced-") and _stamp(final) is None and _stamp(entry):
+            if final.exists():
+                trash = _aside(final, "trash", cell_id)
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(entry, final)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- executing one cell (in a worker)
@@ -432,6 +438,7 @@ def _execute(task: _Task) -> _Outcome:
     if fd is None:
         return _Outcome("locked", 0.0, f"cell {cell.name} is being run by another runner ({_holder(lock)})")
     try:
+        _tidy_cell(study / cell.stage, cell.id)
         stamp = _stamp(cell.output_dir(study))
         if stamp is not None and stamp != task.seen:
             return _Outcome("done", 0.0, "completed by another runner meanwhile")

@@ -14,6 +14,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+import kd_utils.runner as runner_module
 from kd_utils.runner import Cell, RunSummary, format_plan, plan, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,6 +217,22 @@ def test_result_moved_aside_by_a_killed_replacement_is_restored(tmp_path):
     assert leftovers(study) == []
 
 
+def test_a_cell_removes_its_own_leftovers_when_it_executes(tmp_path, monkeypatch):
+    """A killed worker can hold its cell's lock while the next run tidies; the cell then tidies itself."""
+    study = tmp_path / "study"
+    cell, other = make("prep", "rerun", 1), make("prep", "untouched", 2)
+    stale = [study / "prep" / f".tmp-{cell.id}-0badcafe", study / "prep" / f".trash-{cell.id}-1badcafe"]
+    foreign = study / "prep" / f".tmp-{other.id}-2badcafe"
+    for path in (*stale, foreign):
+        path.mkdir(parents=True)
+        (path / "partial.txt").write_text("killed\n")
+    monkeypatch.setattr(runner_module, "_tidy", lambda *args: None)  # as if every lock were still held
+    summary, _ = quiet([cell], study)
+    assert statuses(summary) == {"rerun": "ran"}
+    assert not any(path.exists() for path in stale)
+    assert foreign.is_dir()  # another cell's leftovers wait for that cell or for a later tidy
+
+
 def test_cells_locked_by_another_runner_are_skipped(tmp_path):
     study = tmp_path / "study"
     held = make("prep", "held", 1)
@@ -261,21 +278,35 @@ def start_runner(cells: list[Cell], study: Path, **kwargs) -> subprocess.Popen[s
 
 
 def wait_for_exit_of_processes_from(study: Path, timeout: float = 20.0) -> None:
-    """Kernels live in their own sessions and exit within about 1 s of their worker's death."""
+    """Kernels live in their own sessions and exit within about 1 s of their worker's death.
+
+    A dying process loses its environment before its files (and flocks), so every process once seen
+    with the marker is followed by pid until it is gone or a zombie.
+    """
     marker = f"KD_TEST_RUNNER={study}".encode()
+    seen: set[str] = set()
     deadline = time.monotonic() + timeout
     while True:
-        alive = []
         for environ in Path("/proc").glob("[0-9]*/environ"):
             try:
                 if marker in environ.read_bytes().split(b"\0"):
-                    alive.append(environ.parent.name)
+                    seen.add(environ.parent.name)
             except OSError:
                 continue
+        alive = [pid for pid in sorted(seen) if process_state(pid) not in (None, "Z", "X")]
         if not alive:
             return
         assert time.monotonic() < deadline, f"processes {alive} outlived their runner"
         time.sleep(0.2)
+
+
+def process_state(pid: str) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, Z, ...), None if there is no such process."""
+    try:
+        stat = (Path("/proc") / pid / "stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def runner_statuses(output: str) -> dict[str, str]:
