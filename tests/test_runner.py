@@ -277,36 +277,38 @@ def start_runner(cells: list[Cell], study: Path, **kwargs) -> subprocess.Popen[s
     )
 
 
-def wait_for_exit_of_processes_from(study: Path, timeout: float = 20.0) -> None:
-    """Kernels live in their own sessions and exit within about 1 s of their worker's death.
+def wait_for_exit_of_processes_from(study: Path, group: int, timeout: float = 20.0) -> None:
+    """Wait for the killed runner's process group (its workers) and its kernels to be gone.
 
-    A dying process loses its environment before its files (and flocks), so every process once seen
-    with the marker is followed by pid until it is gone or a zombie.
+    Kernels live in their own sessions, carry KD_TEST_RUNNER=<study> and exit within about 1 s of
+    their worker's death. A dying process loses its environment before its files (and flocks), so
+    processes are followed by pid, once seen, until they are gone or zombies.
     """
     marker = f"KD_TEST_RUNNER={study}".encode()
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
     while True:
-        for environ in Path("/proc").glob("[0-9]*/environ"):
+        for proc in Path("/proc").glob("[0-9]*"):
             try:
-                if marker in environ.read_bytes().split(b"\0"):
-                    seen.add(environ.parent.name)
-            except OSError:
+                if process_stat(proc.name)[1] == group or marker in (proc / "environ").read_bytes().split(b"\0"):
+                    seen.add(proc.name)
+            except (OSError, TypeError):
                 continue
-        alive = [pid for pid in sorted(seen) if process_state(pid) not in (None, "Z", "X")]
+        alive = [pid for pid in sorted(seen) if (process_stat(pid) or ("X",))[0] not in ("Z", "X")]
         if not alive:
             return
         assert time.monotonic() < deadline, f"processes {alive} outlived their runner"
         time.sleep(0.2)
 
 
-def process_state(pid: str) -> str | None:
-    """The state letter of /proc/<pid>/stat (R, S, Z, ...), None if there is no such process."""
+def process_stat(pid: str) -> tuple[str, int] | None:
+    """(state letter, process group) from /proc/<pid>/stat; None if there is no such process."""
     try:
         stat = (Path("/proc") / pid / "stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[0]
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[2])
 
 
 def runner_statuses(output: str) -> dict[str, str]:
@@ -328,7 +330,7 @@ def test_kill_mid_grid_loses_no_finished_work(tmp_path):
         time.sleep(0.05)
     os.killpg(runner.pid, signal.SIGKILL)
     runner.wait()
-    wait_for_exit_of_processes_from(study)
+    wait_for_exit_of_processes_from(study, group=runner.pid)
     assert len(done) < 6
     stamps = {c.name: os.stat(c.output_dir(study) / "metrics.json").st_ino for c in cells if c.name in done}
     table = plan(cells, study)
