@@ -35,6 +35,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -60,6 +61,7 @@ _STAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RESERVED_STAGES = {"logs"}
 _LEFTOVER_RE = re.compile(r"\.(tmp|trash|replaced)-([0-9a-f]{12})-[0-9a-f]+")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_SOCKETS_PREFIX = "kd-kernel-"  # + cell id: a kernel's Unix sockets, in the temp dir (short paths)
 
 
 def _canonical_json(value: Any) -> str:
@@ -366,7 +368,10 @@ def _tidy(study: Path, stages: set[str], owner: str) -> None:
 
 
 def _tidy_cell(stage_dir: Path, cell_id: str) -> None:
-    """With the cell's lock held: restore a complete result moved aside, remove the other leftovers."""
+    """With the cell's lock held: restore a complete result moved aside, remove the other leftovers
+    (and the kernel socket folders that killed runs of the cell left in this machine's temp dir)."""
+    for sockets in Path(tempfile.gettempdir()).glob(f"{_SOCKETS_PREFIX}{cell_id}-*"):
+        shutil.rmtree(sockets, ignore_errors=True)
     final = stage_dir / cell_id
     for entry in sorted(stage_dir.glob(f".*-{cell_id}-*")):
         if not _LEFTOVER_RE.fullmatch(entry.name):
@@ -447,6 +452,17 @@ def _execute(task: _Task) -> _Outcome:
         os.close(fd)
 
 
+def _ipc_kernel_config(folder: Path) -> Any:
+    """Kernel channels as Unix sockets in a private folder, not TCP ports.
+
+    Over TCP the kernel manager picks free ports and the kernel binds them later; meanwhile another
+    worker's kernel or connection can take one, and the kernel dies ("Address already in use").
+    """
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(folder / "kernel")}})
+
+
 def _run_notebook(task: _Task) -> _Outcome:
     import papermill  # only workers need it (slow to import)
 
@@ -470,6 +486,7 @@ def _run_notebook(task: _Task) -> _Outcome:
         )
         log.flush()
         offset = log_path.stat().st_size
+        sockets = tempfile.mkdtemp(prefix=f"{_SOCKETS_PREFIX}{cell.id}-")
         try:
             papermill.execute_notebook(
                 task.notebook,
@@ -481,6 +498,7 @@ def _run_notebook(task: _Task) -> _Outcome:
                 log_output=False,
                 stdout_file=log,
                 stderr_file=log,
+                config=_ipc_kernel_config(Path(sockets)),
             )
             if not (tmp / "metrics.json").is_file():
                 raise RuntimeError("notebook did not write metrics.json")
@@ -496,6 +514,8 @@ def _run_notebook(task: _Task) -> _Outcome:
                 (tmp / "log.txt").write_bytes(whole.read())
             _install(tmp, failed, cell.id, result=False)
             return _Outcome("failed", time.monotonic() - start, f"{_short_error(exc)} (see {failed})")
+        finally:
+            shutil.rmtree(sockets, ignore_errors=True)
     _install(tmp, final, cell.id, result=True)
     shutil.rmtree(failed, ignore_errors=True)
     return _Outcome("ran", time.monotonic() - start)

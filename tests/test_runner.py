@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -119,7 +120,8 @@ def test_runs_selected_cells_in_dependency_order_then_has_nothing_to_do(tmp_path
     assert summary.ok and statuses(summary) == {"prep/a": "ran", "distill/b<-a": "ran", "other/c": "done"}
     assert counter.read_text().split() == ["3", "1", "2"]
     metrics = json.loads((a.output_dir(study) / "metrics.json").read_text())
-    assert metrics == {"value": 1, "threads": "1", "omp": "1", "cwd": str(NOTEBOOK.parent), "python": sys.executable}
+    assert metrics == {"value": 1, "threads": "1", "omp": "1", "cwd": str(NOTEBOOK.parent), "python": sys.executable,
+                       "transport": "ipc"}  # Unix sockets: no TCP port races between workers' kernels
     assert (a.output_dir(study) / "out.txt").read_text() == "1\n"
     executed = nbformat.read(a.output_dir(study) / "notebook.ipynb", as_version=4)
     assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in executed.cells)
@@ -336,14 +338,15 @@ def test_kill_mid_grid_loses_no_finished_work(tmp_path):
     table = plan(cells, study)
     assert set(table.loc[table["status"] == "done", "name"]) == set(stamps)
 
-    summary, _ = quiet(cells, study, max_workers=2)
-    assert summary.ok
+    summary, messages = quiet(cells, study, max_workers=2)
+    assert summary.ok, "\n".join(messages)
     assert {name for name, status in statuses(summary).items() if status == "done"} == set(stamps)
     assert {c.name: os.stat(c.output_dir(study) / "metrics.json").st_ino for c in cells if c.name in done} == stamps
     counts = executions(counter)
     assert all(counts[c.parameters["value"]] == 1 for c in cells if c.name in done)
     assert all(counts[c.parameters["value"]] in (1, 2) for c in cells)
     assert leftovers(study) == []
+    assert not [p for c in cells for p in Path(tempfile.gettempdir()).glob(f"kd-kernel-{c.id}-*")]
 
 
 def test_two_runners_on_one_study_execute_each_cell_once(tmp_path):
