@@ -291,12 +291,13 @@ def wait_for_exit_of_processes_from(study: Path, group: int, timeout: float = 20
     deadline = time.monotonic() + timeout
     while True:
         for proc in Path("/proc").glob("[0-9]*"):
+            stat = process_stat(proc.name)
             try:
-                if process_stat(proc.name)[1] == group or marker in (proc / "environ").read_bytes().split(b"\0"):
+                if (stat and stat[1] == group) or marker in (proc / "environ").read_bytes().split(b"\0"):
                     seen.add(proc.name)
-            except (OSError, TypeError):
+            except OSError:
                 continue
-        alive = [pid for pid in sorted(seen) if (process_stat(pid) or ("X",))[0] not in ("Z", "X")]
+        alive = [pid for pid in sorted(seen) if (stat := process_stat(pid)) and stat[0] not in ("Z", "X")]
         if not alive:
             return
         assert time.monotonic() < deadline, f"processes {alive} outlived their runner"
