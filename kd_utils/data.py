@@ -20,6 +20,14 @@ class Example:
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]  # ends with eos
     index: int  # position in its dataset: the key of the teacher cache
+    loss_on_prompt: bool = False  # the authors' code: prompt tokens are targets too (train_on_inputs)
+
+    @property
+    def n_targets(self) -> int:
+        """Target positions: the response's tokens, or every token after the first (loss_on_prompt)."""
+        if self.loss_on_prompt:
+            return len(self.prompt_ids) + len(self.response_ids) - 1
+        return len(self.response_ids)
 
 
 def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> list[Example]:
@@ -64,7 +72,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         seq = e.prompt_ids + e.response_ids
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-        labels[row, len(e.prompt_ids): len(seq)] = torch.tensor(e.response_ids)
+        start = 0 if e.loss_on_prompt else len(e.prompt_ids)
+        labels[row, start: len(seq)] = torch.tensor(seq[start:])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "index": torch.tensor([e.index for e in examples])}
 

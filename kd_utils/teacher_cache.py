@@ -123,7 +123,8 @@ def _update_with_tokenizer(h: "hashlib._Hash", tokenizer) -> None:
 
 def _update_with_examples(h: "hashlib._Hash", examples: Sequence[Example]) -> None:
     examples = sorted(examples, key=lambda e: e.index)  # the cache holds them in index order
-    heads = np.array([(e.index, len(e.prompt_ids), len(e.response_ids)) for e in examples], dtype=np.int64)
+    heads = np.array([(e.index, len(e.prompt_ids), len(e.response_ids), e.loss_on_prompt) for e in examples],
+                     dtype=np.int64)
     ids = np.fromiter((t for e in examples for t in (*e.prompt_ids, *e.response_ids)), dtype=np.int64)
     h.update(heads.tobytes())
     h.update(ids.tobytes())
@@ -269,7 +270,7 @@ def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab
         draws = []
         for e in examples:
             g = torch.Generator(device=device).manual_seed(_row_seed(noise_seed, e.index))
-            draws.append(torch.randn((len(e.response_ids), vocab_size), generator=g, device=device))
+            draws.append(torch.randn((e.n_targets, vocab_size), generator=g, device=device))
         z = z + noise * torch.cat(draws)
     top, ids = z.topk(k, dim=-1)
     values = (top - top[:, :1]).half()
@@ -328,7 +329,7 @@ def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root:
                 parts.append(_teacher_signal(teacher, chunk, vocab_size, k, temperatures, noise, noise_seed))
                 passes += 1
                 bar.update(len(chunk))
-            counts = torch.tensor([len(examples[r].response_ids) for r in rows])
+            counts = torch.tensor([examples[r].n_targets for r in rows])
             tensors = {
                 "values": torch.cat([p[0] for p in parts]), "ids": torch.cat([p[1] for p in parts]),
                 "logz": torch.cat([p[2] for p in parts]), "tail": torch.cat([p[3] for p in parts]),
@@ -484,7 +485,7 @@ def _mismatch(cache: TeacherCache, examples: Sequence[Example], k: int, temperat
         return f"lacks temperatures {lacking} (has {list(cache.temperatures)})"
     ordered = sorted(examples, key=lambda e: e.index)
     if [e.index for e in ordered] != cache.index.tolist() or \
-            [len(e.response_ids) for e in ordered] != cache.offsets.diff().tolist():
+            [e.n_targets for e in ordered] != cache.offsets.diff().tolist():
         return "built for other examples (indices or response lengths differ)"
     return None
 
