@@ -56,7 +56,9 @@ invisible to the single tail bucket. Both are exact at k = V and close when the 
 (On synthetic Zipf teachers, V = 4096, k = 16, sigma in {0.5, 1}: the scaled tail matched the
 bucketed loss of the densely noised teacher to <= 0.3%, the unchanged tail was 0.6-14% high.)
 
-Objective sources: see each function's docstring.
+Objective sources: see each function's docstring. gjsd follows TRL at its endpoints: beta = 0 is
+forward KL(P_T || P_S) and beta = 1 reverse KL(P_S || P_T) (the limits of gjsd/beta and
+gjsd/(1-beta); the mixture formula itself is 0 there).
 """
 from __future__ import annotations
 
@@ -119,15 +121,16 @@ def _rkl(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torc
 
 def _gjsd(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
     """beta KL(P_T||M) + (1-beta) KL(P_S||M), M = beta P_T + (1-beta) P_S; Agarwal et al. 2024
-    (GKD), as TRL's GKDTrainer.generalized_jsd_loss. Zero at beta in {0, 1}; gjsd/beta -> fkl as
-    beta -> 0 and gjsd/(1-beta) -> rkl as beta -> 1 (TRL returns those limits at the endpoints)."""
+    (GKD), as TRL's GKDTrainer.generalized_jsd_loss (trl/experimental/gkd/gkd_trainer.py), which
+    returns the endpoint limits: fkl KL(P_T||P_S) at beta = 0, rkl KL(P_S||P_T) at beta = 1. The
+    formula itself vanishes there (gjsd/beta -> fkl as beta -> 0, gjsd/(1-beta) -> rkl as beta -> 1),
+    so gjsd is discontinuous at the endpoints, as in TRL."""
+    if beta == 0.0:
+        return _kl(t, s)
+    if beta == 1.0:
+        return _kl(s, t)
     log_m = _log_mix(beta, t, s)
-    out = 0.0
-    if beta > 0.0:
-        out = out + beta * _kl(t, log_m)
-    if beta < 1.0:
-        out = out + (1.0 - beta) * _kl(s, log_m)
-    return out
+    return beta * _kl(t, log_m) + (1.0 - beta) * _kl(s, log_m)
 
 
 def _skew_fkl(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:

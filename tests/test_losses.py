@@ -143,16 +143,49 @@ def test_gjsd_symmetric_and_bounded_by_ln2():
     torch.testing.assert_close(kd_loss(far_s, far_t, objective="gjsd").item(), math.log(2), rtol=1e-5, atol=0)
 
 
+def trl_generalized_jsd(s_logits, t_logits, beta, tau=1.0):
+    """Per-position float64 re-implementation of TRL's GKDTrainer.generalized_jsd_loss
+    (huggingface/trl, trl/experimental/gkd/gkd_trainer.py, at f2cd577): F.kl_div(input, target,
+    log_target=True) = KL(target || input); beta = 0 -> kl_div(student, teacher), beta = 1 ->
+    kl_div(teacher, student). TRL has no tau^2 factor: it is applied here, as kd_loss does."""
+    import torch.nn.functional as F
+
+    s_lp = torch.log_softmax(s_logits.double() / tau, -1)
+    t_lp = torch.log_softmax(t_logits.double() / tau, -1)
+    if beta == 0:
+        jsd = F.kl_div(s_lp, t_lp, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t_lp, s_lp, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=torch.float64)
+        m = torch.logsumexp(torch.stack([s_lp + torch.log1p(-b), t_lp + torch.log(b)]), dim=0)
+        jsd = b * F.kl_div(m, t_lp, reduction="none", log_target=True) + \
+            (1 - b) * F.kl_div(m, s_lp, reduction="none", log_target=True)
+    return tau**2 * jsd.sum(-1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_gjsd_matches_trl_including_the_endpoints(beta, tau):
+    s, t, _ = _inputs(seed=3, scale=1.5, dtype=torch.float64)
+    got = kd_loss(s, t, objective="gjsd", beta=beta, temperature=tau, reduction="none")
+    torch.testing.assert_close(got, trl_generalized_jsd(s, t, beta, tau), rtol=1e-12, atol=1e-13)
+    if beta in (0.0, 1.0):  # TRL's endpoints: fkl at 0, rkl at 1
+        base = "fkl" if beta == 0.0 else "rkl"
+        assert torch.equal(got, kd_loss(s, t, objective=base, temperature=tau, reduction="none"))
+
+
 def test_gjsd_limits():
-    """M = beta P_T + (1-beta) P_S. At beta = 0 (M = P_S) and beta = 1 (M = P_T) gjsd is exactly 0.
-    Expanding in beta: gjsd = beta KL(P_T||P_S) - beta^2/2 chi^2(P_T||P_S) + O(beta^3), so
-    gjsd/beta -> fkl as beta -> 0 and, by gjsd(T,S;beta) = gjsd(S,T;1-beta), gjsd/(1-beta) -> rkl
-    as beta -> 1 (the GKD paper's forward/reverse-KL ends; TRL returns these limits at 0 / 1)."""
+    """M = beta P_T + (1-beta) P_S. Expanding in beta: gjsd = beta KL(P_T||P_S) - beta^2/2
+    chi^2(P_T||P_S) + O(beta^3), so gjsd/beta -> fkl as beta -> 0 and, by gjsd(T,S;beta) =
+    gjsd(S,T;1-beta), gjsd/(1-beta) -> rkl as beta -> 1 (the GKD paper's forward/reverse-KL ends).
+    The mixture formula itself goes to 0; at beta = 0 / 1 gjsd returns those limits, fkl / rkl
+    (TRL's convention): continuous after dividing by beta / (1 - beta), not before."""
     s, t, _ = _inputs(seed=3, scale=0.7, dtype=torch.float64)
-    for b in (0.0, 1.0):
-        assert torch.all(kd_loss(s, t, objective="gjsd", beta=b, reduction="none") == 0)
     fkl = kd_loss(s, t, objective="fkl", reduction="none")
     rkl = kd_loss(s, t, objective="rkl", reduction="none")
+    assert torch.equal(kd_loss(s, t, objective="gjsd", beta=0.0, reduction="none"), fkl)
+    assert torch.equal(kd_loss(s, t, objective="gjsd", beta=1.0, reduction="none"), rkl)
     p, q = torch.softmax(t, -1), torch.softmax(s, -1)
     chi2_pq, chi2_qp = ((p - q) ** 2 / q).sum(-1), ((p - q) ** 2 / p).sum(-1)
     for eps in (1e-3, 1e-4):
@@ -161,6 +194,13 @@ def test_gjsd_limits():
         torch.testing.assert_close((lo / eps - fkl) / eps, -chi2_pq / 2, rtol=0.05, atol=1e-3)
         torch.testing.assert_close((hi / eps - rkl) / eps, -chi2_qp / 2, rtol=0.05, atol=1e-3)
         torch.testing.assert_close(lo / eps, fkl, rtol=20 * eps * chi2_pq.max().item(), atol=0)
+    # near the endpoints the formula is small: the endpoint values are limits of gjsd/beta, gjsd/(1-beta)
+    tiny = 1e-6
+    torch.testing.assert_close(kd_loss(s, t, objective="gjsd", beta=tiny, reduction="none") / tiny, fkl,
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(kd_loss(s, t, objective="gjsd", beta=1 - tiny, reduction="none") / tiny, rkl,
+                               rtol=1e-5, atol=0)
+    assert torch.all(kd_loss(s, t, objective="gjsd", beta=tiny, reduction="none") < 1e-5 * fkl)
 
 
 def test_skew_limits():
