@@ -3,6 +3,7 @@ tokenizer and a micro-s teacher trained 150 steps (peaked, not random)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import torch
 
 from kd_utils import evaluation
 from kd_utils import teacher_cache as TC
-from kd_utils.data import IGNORE, collate, epoch_batches, tokenize_pairs
+from kd_utils.data import IGNORE, collate, epoch_batches
 from kd_utils.losses import OBJECTIVES
 from kd_utils.methods import KDSettings, LiveTeacher, kd_objective
 from kd_utils.models import build_micro_model
@@ -264,8 +265,10 @@ def test_noise_is_one_fixed_draw_per_position(setup, tmp_path, caches):
     def full(cache):  # the stored full logits (shifted) in token order
         return torch.zeros(cache.values.shape, dtype=torch.float32).scatter_(-1, cache.ids.long(), cache.values.float())
 
-    # the draw depends on (seed, example), not on batching (up to float noise of the forward)
-    torch.testing.assert_close(full(other_batching), full(noisy), atol=1e-2, rtol=0)
+    # the draw depends on (seed, example), not on batching. Other batch shapes change the float32
+    # forward by a few ulps, which moves a stored fp16 logit across a rounding boundary now and
+    # then: one fp16 ulp apart = 2^-10 relative (0.0156 for logits in [-32, -16)).
+    torch.testing.assert_close(full(other_batching), full(noisy), atol=1e-4, rtol=2**-10)
     diff = full(noisy) - full(caches[s.vocab])  # = noise + a per-position shift
     eps = diff - diff.mean(-1, keepdim=True)
     assert abs(float(eps.std(-1).mean()) - sigma) < 0.05 * sigma
@@ -294,9 +297,8 @@ def test_bad_requests_raise_clear_errors(setup, caches, student_logits, tmp_path
     stranger["index"][3] = 10_000
     with pytest.raises(KeyError, match="example index 10000"):
         teacher.kd_sum(logits, stranger, mask, KDSettings("fkl"))
-    # a batch tokenized with a shorter max_length than the cache was built with
-    short = tokenize_pairs(setup.tok, setup.prompts, setup.responses, 60)
-    cut = next(e for e in short if len(e.response_ids) < len(setup.examples[e.index].response_ids))
+    # an example with fewer target positions than cached (e.g. tokenized with a shorter max_length)
+    cut = dataclasses.replace(setup.examples[7], response_ids=setup.examples[7].response_ids[1:])
     sb = collate([setup.examples[0], cut], setup.pad)
     smask = sb["labels"][:, 1:] != IGNORE
     slogits = torch.randn(*smask.shape, setup.vocab)
