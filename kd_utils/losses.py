@@ -1,7 +1,8 @@
 """KD objectives: token-level divergences between teacher and student next-token distributions.
 
-One registry, :data:`OBJECTIVES` (name -> per-position divergence on log-probs over the last
-axis), is used by both entry points:
+One registry, :data:`OBJECTIVES`, is used by both entry points. Every objective here is a sum over
+the vocabulary of a per-token term ``phi(p_v, s_v)`` (all six are f-divergences or, gjsd, a
+weighted sum of two); the registry holds phi, elementwise on log-probs, and the callers sum it:
 
 * :func:`kd_loss` -- dense logits, ``tau^2 * D(P_T, P_S)`` with ``P = softmax(logits / tau)``.
 * :func:`sparse_kd_loss` -- the same objective from an offline teacher cache that holds, per
@@ -84,10 +85,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 # --------------------------------------------------------------------------- primitives
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last axis from log-probs; 0 * log 0 = 0, logs floored (finite)."""
-    p = logp.exp()
-    return (p * (logp.clamp_min(LOG_PROB_FLOOR) - logq.clamp_min(LOG_PROB_FLOOR))).sum(-1)
+def _kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-token terms of KL(p || q), p * (log p - log q); 0 * log 0 = 0, logs floored (finite)."""
+    return logp.exp() * (logp.clamp_min(LOG_PROB_FLOOR) - logq.clamp_min(LOG_PROB_FLOOR))
 
 
 def _log_mix(w: float, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -108,15 +108,16 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- objectives
-# Each takes teacher / student log-probs (..., V) (may contain -inf) and returns (...).
+# Each takes teacher / student log-probs t, s of the same shape (may contain -inf) and returns the
+# per-token terms phi(t_v, s_v), same shape: the divergence is their sum over the vocabulary.
 def _fkl(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
     """Forward KL(P_T || P_S), mode-covering; Hinton et al. 2015 (word-level KD)."""
-    return _kl(t, s)
+    return _kl_terms(t, s)
 
 
 def _rkl(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
     """Reverse KL(P_S || P_T), mode-seeking; Gu et al. 2024 (MiniLLM), Agarwal et al. 2024 (GKD)."""
-    return _kl(s, t)
+    return _kl_terms(s, t)
 
 
 def _gjsd(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
@@ -126,31 +127,32 @@ def _gjsd(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> tor
     formula itself vanishes there (gjsd/beta -> fkl as beta -> 0, gjsd/(1-beta) -> rkl as beta -> 1),
     so gjsd is discontinuous at the endpoints, as in TRL."""
     if beta == 0.0:
-        return _kl(t, s)
+        return _kl_terms(t, s)
     if beta == 1.0:
-        return _kl(s, t)
+        return _kl_terms(s, t)
     log_m = _log_mix(beta, t, s)
-    return beta * _kl(t, log_m) + (1.0 - beta) * _kl(s, log_m)
+    return beta * _kl_terms(t, log_m) + (1.0 - beta) * _kl_terms(s, log_m)
 
 
 def _skew_fkl(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
     """Skew forward KL(P_T || alpha P_T + (1-alpha) P_S); Ko et al. 2024 (DistiLLM)."""
-    return _kl(t, _log_mix(alpha, t, s))
+    return _kl_terms(t, _log_mix(alpha, t, s))
 
 
 def _skew_rkl(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
     """Skew reverse KL(P_S || alpha P_S + (1-alpha) P_T); Ko et al. 2024 (DistiLLM)."""
-    return _kl(s, _log_mix(alpha, s, t))
+    return _kl_terms(s, _log_mix(alpha, s, t))
 
 
 def _tvd(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
     """Total variation 0.5 sum |P_T - P_S|, in [0, 1]; Wen et al. 2023 (f-distill)."""
-    return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    return 0.5 * (t.exp() - s.exp()).abs()
 
 
 Objective = Callable[..., torch.Tensor]
 
-#: The one registry of KD objectives: name -> fn(teacher_logp, student_logp, *, beta, alpha).
+#: The one registry of KD objectives: name -> fn(teacher_logp, student_logp, *, beta, alpha) giving
+#: the per-token terms (elementwise, same shape); a divergence is their sum over the last axis.
 OBJECTIVES: dict[str, Objective] = {
     "fkl": _fkl,
     "rkl": _rkl,
@@ -259,7 +261,7 @@ def kd_loss(
     tau = float(temperature)
     s_lp = F.log_softmax(s.to(dtype) / tau, dim=-1)
     t_lp = F.log_softmax(t.to(dtype) / tau, dim=-1)
-    vals = fn(t_lp, s_lp, beta=beta, alpha=alpha) * tau**2
+    vals = fn(t_lp, s_lp, beta=beta, alpha=alpha).sum(-1) * tau**2
     return _reduce(vals, idx, lead, reduction)
 
 
@@ -322,7 +324,7 @@ def sparse_kd_loss(
         t_tail = (tl.to(dtype) - lz.to(dtype)).clamp(min=LOG_PROB_FLOOR)
     t_b = torch.cat([t_head, t_tail.unsqueeze(-1)], dim=-1)
     s_b = torch.cat([s_head, s_tail.unsqueeze(-1)], dim=-1)
-    vals = fn(t_b, s_b, beta=beta, alpha=alpha) * tau**2
+    vals = fn(t_b, s_b, beta=beta, alpha=alpha).sum(-1) * tau**2
     return _reduce(vals, idx, lead, reduction)
 
 

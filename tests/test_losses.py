@@ -78,6 +78,22 @@ def test_registry_names():
     assert sorted(OBJECTIVES) == sorted(NAMES)
 
 
+@pytest.mark.parametrize("objective", NAMES)
+def test_objectives_are_per_token_terms_summed_by_the_callers(objective):
+    """OBJECTIVES[name] is elementwise: phi(t_v, s_v) per token, any subset of tokens gives the
+    same terms, and their sum over the vocabulary is the divergence."""
+    s, t, _ = _inputs(seed=20, dtype=torch.float64)
+    t_lp, s_lp = torch.log_softmax(t / 1.5, -1), torch.log_softmax(s / 1.5, -1)
+    fn = OBJECTIVES[objective]
+    terms = fn(t_lp, s_lp, beta=0.3, alpha=0.2)
+    assert terms.shape == (B, T, V)
+    some = torch.tensor([7, 0, 3])
+    torch.testing.assert_close(fn(t_lp[..., some], s_lp[..., some], beta=0.3, alpha=0.2), terms[..., some],
+                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(1.5**2 * terms.sum(-1), ref_div(s, t, objective, tau=1.5, beta=0.3, alpha=0.2),
+                               rtol=1e-12, atol=1e-13)
+
+
 def test_unknown_objective_lists_valid_names():
     s, t, _ = _inputs()
     with pytest.raises(ValueError) as e:
