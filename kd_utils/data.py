@@ -2,7 +2,9 @@
 
 An example keeps its prompt and response ids apart, so on-policy methods can replace the
 response with a student sample and SeqKD with a teacher generation. Labels are -100 on
-the prompt: losses are computed on response tokens only, as the paper's authors did.
+the prompt by default: losses are computed on response tokens only. The paper's authors'
+code puts the prompt tokens in the loss too (LLM-Adapters' `train_on_inputs=True`; their KD
+losses mask with the attention mask): `loss_on_prompt=True` reproduces that.
 """
 from __future__ import annotations
 
@@ -30,23 +32,57 @@ class Example:
         return len(self.response_ids)
 
 
-def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> list[Example]:
-    """Tokenise (prompt, response) pairs; the response gets eos; too-long pairs are truncated
-    from the end of the response (the prompt is kept whole). The prompt gets the tokenizer's
-    special tokens (a BOS for Llama), as at evaluation time."""
+TRUNCATION_RULES = ("left", "skip")
+
+
+def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
+                   truncation: str = "left", loss_on_prompt: bool = False,
+                   report: dict | None = None) -> list[Example]:
+    """Tokenise (prompt, response) pairs into examples of at most `max_length` tokens.
+
+    The prompt gets the tokenizer's special tokens (a BOS for Llama), as at evaluation time; the
+    response gets eos. A pair that does not fit is, by `truncation`:
+    - "left": the response is kept whole when the prompt can keep at least half the window, and the
+      prompt loses tokens from its left (after its special-token prefix): a long HellaSwag context
+      keeps its end, next to the question. A response longer than that is cut from its end and the
+      prompt keeps min(its length, half the window).
+    - "skip": the pair is left out (its index is not used).
+    `report`, when given, is filled with counts: examples, prompt_truncated, response_truncated, skipped.
+    Example.index is the pair's position in the input, skipped or not (the teacher cache's key).
+    """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if truncation not in TRUNCATION_RULES:
+        raise ValueError(f"unknown truncation rule {truncation!r}; known: {', '.join(TRUNCATION_RULES)}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer has no eos token")
+    special = set(getattr(tokenizer, "all_special_ids", ()))
     p_ids = tokenizer(list(prompts))["input_ids"]
     r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    counts = {"examples": 0, "prompt_truncated": 0, "response_truncated": 0, "skipped": 0}
     out = []
     for i, (p, r) in enumerate(zip(p_ids, r_ids)):
-        if len(p) >= max_length:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, not below max_length={max_length}")
-        r = (list(r) + [eos])[: max_length - len(p)]
-        out.append(Example(tuple(p), tuple(r), i))
+        p, r = list(p), list(r) + [eos]
+        if len(p) + len(r) > max_length:
+            if truncation == "skip":
+                counts["skipped"] += 1
+                continue
+            keep_p = max(max_length - len(r), min(len(p), max_length // 2))
+            if keep_p < len(p):
+                prefix = next((j for j, t in enumerate(p) if t not in special), len(p))
+                prefix = min(prefix, keep_p - 1)
+                p = p[:prefix] + p[len(p) - (keep_p - prefix):]
+                counts["prompt_truncated"] += 1
+            if len(p) + len(r) > max_length:
+                r = r[: max_length - len(p)]
+                counts["response_truncated"] += 1
+        out.append(Example(tuple(p), tuple(r), i, loss_on_prompt))
+    counts["examples"] = len(out)
+    if report is not None:
+        report.update(counts)
+    if not out:
+        raise ValueError(f"no example fits max_length={max_length} (all {len(prompts)} skipped)")
     return out
 
 
@@ -63,7 +99,8 @@ def pack_corpus(tokenizer, texts: Sequence[str], block: int) -> torch.Tensor:
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding), index."""
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding, and on the prompt
+    unless loss_on_prompt), index, prompt_length."""
     width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -75,7 +112,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         start = 0 if e.loss_on_prompt else len(e.prompt_ids)
         labels[row, start: len(seq)] = torch.tensor(seq[start:])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "index": torch.tensor([e.index for e in examples])}
+            "index": torch.tensor([e.index for e in examples]),
+            "prompt_length": torch.tensor([len(e.prompt_ids) for e in examples])}
 
 
 def collate_blocks(blocks: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,38 +15,14 @@ from .config import DistillJob, KDConfig, TrainingConfig
 from .data import Example, collate, epoch_batches, split_validation, tokenize_pairs
 from .methods import KDSettings, LiveTeacher, OnPolicySampler, kd_objective, noise_seed
 from .models import apply_lora, best_device, check_compatible, count_parameters, load_model
-from .tasks import build_prompt, load_items, resolve_tasks
+from .tasks import build_prompt, load_training_items
 from .training import OptimSettings, cycle_steps, token_ce, train
 
 
-def load_training_pairs(train_tasks, train_data: str | None, data_root: str | None) -> tuple[list[str], list[str]]:
-    """(prompt, gold response) pairs: an LLM-Adapters JSON file (Math10K, Commonsense15K) or a
-    hub dataset id with instruction/input/output columns when `train_data` is given, else the
-    training splits of the named tasks."""
-    if train_data:
-        items = _read_training_data(train_data)
-    else:
-        items = [it for task in resolve_tasks(train_tasks) for it in load_items(task, data_root, split="train")]
+def load_training_pairs(training: TrainingConfig, data_root: str | None) -> tuple[list[str], list[str]]:
+    """(prompt, gold response) pairs of the run's training items (kd_utils.tasks.load_training_items)."""
+    items = load_training_items(training.train_tasks, training.train_data, data_root, training.limit)
     return [build_prompt(it["instruction"], it.get("input", "")) for it in items], [it["output"] for it in items]
-
-
-def _read_training_data(train_data: str) -> list[dict]:
-    path = Path(train_data)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"training data file {train_data!r} does not exist")
-        return json.loads(path.read_text())
-    from datasets import load_dataset
-
-    try:
-        rows = load_dataset(train_data, split="train")
-    except Exception as err:  # datasets raises several types for a missing/unreachable dataset
-        raise FileNotFoundError(f"training data {train_data!r} is neither a local JSON file nor a loadable hub "
-                                f"dataset ({err.__class__.__name__}); give a local LLM-Adapters JSON path") from err
-    missing = {"instruction", "output"} - set(rows.column_names)
-    if missing:
-        raise ValueError(f"hub dataset {train_data!r} lacks columns {sorted(missing)}")
-    return [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
 
 
 def _seed_everything(seed: int) -> None:
@@ -59,8 +35,9 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
     out = Path(out_dir)
     device = best_device()
     _seed_everything(job.seed)
-    settings = KDSettings(method=job.method, temperature=job.temperature, beta=job.kd.beta, alpha=job.kd.alpha,
-                          ce_weight=job.kd.ce_weight, noise=job.noise, lmbda=job.kd.lmbda, seed=job.seed)
+    settings = KDSettings(method=job.method, temperature=effective_temperature(job), beta=job.kd.beta,
+                          alpha=job.kd.alpha, ce_weight=job.kd.ce_weight, noise=job.noise, lmbda=job.kd.lmbda,
+                          seed=job.seed)
     student, tokenizer = load_model(job.student_path, device=device, dtype=torch.float32,
                                     trust_remote_code=job.trust_remote_code)
     vocab = len(tokenizer)
@@ -69,7 +46,8 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
         teacher, teacher_tok = load_model(job.teacher_path, device=device, trust_remote_code=job.trust_remote_code)
         vocab = check_compatible(teacher_tok, tokenizer, job.teacher, job.student)
 
-    prompts, train_ex, val_ex = training_examples(tokenizer, job.training, job.data_root)
+    data_report: dict = {}
+    prompts, train_ex, val_ex = training_examples(tokenizer, job.training, job.data_root, job.authors, data_report)
     if job.method == "seqkd":
         train_ex = _teacher_generated(job, teacher, tokenizer, prompts, train_ex)
 
@@ -98,7 +76,8 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
         objective = kd_objective(signal, settings, vocab)
         if job.method == "gkd":
             longest = max(len(e.response_ids) for e in train_ex + val_ex)
-            prepare = OnPolicySampler(settings.lmbda, longest, pad, tokenizer.eos_token_id, seed=job.seed)
+            prepare = OnPolicySampler(settings.lmbda, longest, pad, tokenizer.eos_token_id, seed=job.seed,
+                                      loss_on_prompt=job.authors)
 
     result = train(student, cycle_steps(epoch), objective,
                    OptimSettings(max_steps=steps, lr=job.training.lr, warmup_steps=job.training.warmup_steps,
@@ -108,7 +87,8 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
     _save(student, tokenizer, job, out)
     return {
         "student": job.student, "teacher": job.teacher, "method": job.method, "temperature": job.temperature,
-        "noise": job.noise, "teacher_kind": job.teacher_kind, "seed": job.seed, "steps": steps,
+        "effective_temperature": settings.temperature, "authors": job.authors, "data": data_report,
+        "lora": bool(job.training.lora), "noise": job.noise, "teacher_kind": job.teacher_kind, "seed": job.seed, "steps": steps,
         "best_step": result.best_step, "best_val_loss": result.best_val_loss, "seconds": result.seconds,
         "target_tokens": result.target_tokens, "student_params": count_parameters(student),
         "teacher_params": count_parameters(teacher) if teacher is not None else None,
@@ -119,12 +99,19 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
     }
 
 
-def training_examples(tokenizer, training: TrainingConfig, data_root: str | None
-                      ) -> tuple[list[str], list[Example], list[Example]]:
-    """The prompts, and the training and validation examples (gold responses) of a run."""
-    prompts, gold = load_training_pairs(training.train_tasks, training.train_data, data_root)
-    train_ex, val_ex = split_validation(tokenize_pairs(tokenizer, prompts, gold, training.max_length),
-                                        training.n_val, seed=0)
+def effective_temperature(job: DistillJob) -> float:
+    """The temperature the loss uses: the job's, except GKD under `authors` (their GKD applied none)."""
+    return 1.0 if job.authors and job.method == "gkd" else job.temperature
+
+
+def training_examples(tokenizer, training: TrainingConfig, data_root: str | None, loss_on_prompt: bool = False,
+                      report: dict | None = None) -> tuple[list[str], list[Example], list[Example]]:
+    """The prompts, and the training and validation examples (gold responses) of a run;
+    `report` gets the truncation counts (kd_utils.data.tokenize_pairs)."""
+    prompts, gold = load_training_pairs(training, data_root)
+    examples = tokenize_pairs(tokenizer, prompts, gold, training.max_length, truncation=training.truncation,
+                              loss_on_prompt=loss_on_prompt, report=report)
+    train_ex, val_ex = split_validation(examples, training.n_val, seed=0)
     return prompts, train_ex, val_ex
 
 
@@ -151,14 +138,15 @@ def teacher_generations(teacher, teacher_path: str, tokenizer, prompts: list[str
 
 
 def build_teacher_cache(teacher_path: str, training: dict, kd: dict, data_root: str | None, cache_root: str,
-                        temperatures, noise: float = 0.0, noise_seed: int = 0, generations: bool = False) -> dict:
+                        temperatures, noise: float = 0.0, noise_seed: int = 0, generations: bool = False,
+                        authors: bool = False) -> dict:
     """The prepare-stage cell: build (or verify) a teacher's cache before the distill stage."""
     import time
 
     training, kd = TrainingConfig.model_validate(training), KDConfig.model_validate(kd)
     teacher, tokenizer = load_model(teacher_path)
     t0 = time.perf_counter()
-    prompts, train_ex, _ = training_examples(tokenizer, training, data_root)
+    prompts, train_ex, _ = training_examples(tokenizer, training, data_root, loss_on_prompt=authors)
     cache = open_teacher_cache(teacher, teacher_path, tokenizer, train_ex, training, kd, cache_root, temperatures,
                                noise, noise_seed, len(tokenizer))
     size = sum(f.stat().st_size for f in Path(cache.path).iterdir())
@@ -189,8 +177,9 @@ def _teacher_generated(job: DistillJob, teacher, tokenizer, prompts: list[str], 
     """SeqKD (the paper's text): the training responses are the teacher's greedy generations."""
     chosen, gens = teacher_generations(teacher, job.teacher_path, tokenizer, prompts, train_ex, job.cache_root,
                                        job.training.max_length)
-    regenerated = tokenize_pairs(tokenizer, chosen, gens, job.training.max_length)
-    return [Example(r.prompt_ids, r.response_ids, e.index) for r, e in zip(regenerated, train_ex)]
+    regenerated = tokenize_pairs(tokenizer, chosen, gens, job.training.max_length, truncation="left",
+                                 loss_on_prompt=job.authors)
+    return [Example(r.prompt_ids, r.response_ids, e.index, r.loss_on_prompt) for r, e in zip(regenerated, train_ex)]
 
 
 def _save(model, tokenizer, job: DistillJob, out: Path) -> None:

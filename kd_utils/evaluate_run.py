@@ -24,7 +24,8 @@ def run_evaluation(job: EvalJob, out_dir: str | Path, progress: bool = True) -> 
         tables.append(evaluate(
             model, tokenizer, e.tasks, data_root=job.data_root or e.data_root, limit=e.limit,
             batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, do_sample=sample,
-            temperature=e.temperature, top_p=e.top_p, seed=seed, scorer=e.scorer, progress=progress,
+            temperature=e.temperature, top_p=e.top_p, seed=seed, scorer=e.scorer, stop_strings=e.stop_strings or None,
+            progress=progress,
             out_dir=Path(out_dir) / ("" if seed == seeds[0] else f"sample-{seed}")).assign(eval_seed=seed))
     table = pd.concat(tables, ignore_index=True)
     mean = table.groupby(["task", "domain"], sort=False, as_index=False).agg(

@@ -73,16 +73,28 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def _fit_left(ids: Sequence[int], limit: int, tokenizer) -> list[int]:
+    """`ids` cut from the left to `limit` tokens, keeping the leading special tokens (a BOS)."""
+    ids = list(ids)
+    if len(ids) <= limit:
+        return ids
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    prefix = min(next((j for j, t in enumerate(ids) if t not in special), len(ids)), limit - 1)
+    return ids[:prefix] + ids[len(ids) - (limit - prefix):]
+
+
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 32,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_beams: int = 1, seed: int = 0, stop_strings: Sequence[str] | None = None,
-             progress: bool = True, desc: str = "generate") -> list[str]:
+             progress: bool = True, desc: str = "generate", truncated: list[bool] | None = None) -> list[str]:
     """Continuations of `prompts` (new text only, special tokens dropped), in input order.
 
     Batches are left-padded (pad token, else eos) and sorted by length; each continuation ends
-    at the first eos and before the first stop string. Sampling (`do_sample`; top_k=0 means no
-    top-k) is reproducible: the torch RNG is seeded with `seed` before the first batch, so the
-    same prompts, batch size and device give the same samples.
+    at the first eos and before the first stop string. A prompt longer than the model's window
+    (max_position_embeddings) minus `max_new_tokens` loses tokens from its left, after its
+    special-token prefix; `truncated`, when given, gets one flag per prompt. Sampling
+    (`do_sample`; top_k=0 means no top-k) is reproducible: the torch RNG is seeded with `seed`
+    before the first batch, so the same prompts, batch size and device give the same samples.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -90,7 +102,13 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
         raise ValueError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
     if not prompts:
         return []
-    encoded = tokenizer(list(prompts))["input_ids"]
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if window and window - max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of {window}")
+    raw = tokenizer(list(prompts))["input_ids"]
+    encoded = [_fit_left(ids, window - max_new_tokens, tokenizer) if window else list(ids) for ids in raw]
+    if truncated is not None:
+        truncated[:] = [len(e) < len(r) for e, r in zip(encoded, raw)]
     pad, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
                    repetition_penalty=1.0, pad_token_id=pad, eos_token_id=sorted(eos) or None)
@@ -230,14 +248,15 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
         items = load_items(task, data_root=data_root, limit=limit)
         prompts = [build_prompt(it["instruction"], it["input"]) for it in items]
         if scorer == "generate":
+            truncated: list[bool] = []
             outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
                                max_new_tokens=_budget(max_new_tokens, task.domain),
                                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                num_beams=num_beams, seed=seed, stop_strings=stop_strings,
-                               progress=progress, desc=task.name)
+                               progress=progress, desc=task.name, truncated=truncated)
             extracted = [extract_answer(task, o) for o in outputs]
             flags = [is_correct(task, o, it["answer"]) for o, it in zip(outputs, items)]
-            extra = [{} for _ in items]
+            extra = [{"prompt_truncated": t} for t in truncated]
         else:
             contexts, choices = _loglik_inputs(task, items, prompts)
             scored = loglik_choice(model, tokenizer, contexts, choices, batch_size=batch_size,

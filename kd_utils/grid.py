@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DistillJob, EvalJob, StudyConfig, load_study
+from .config import DistillJob, EvalJob, ModelJob, StudyConfig, load_study
 from .methods import WORD_LEVEL, noise_seed
 from .runner import Cell, format_plan, plan, run, select_cells
 
@@ -29,6 +29,7 @@ NOTEBOOKS = REPO / "notebooks"
 NB = {
     "world": NOTEBOOKS / "00_world.ipynb",
     "pretrain": NOTEBOOKS / "01_pretrain.ipynb",
+    "model": NOTEBOOKS / "02_model.ipynb",
     "cache": NOTEBOOKS / "05_teacher_cache.ipynb",
     "distill": NOTEBOOKS / "10_distill.ipynb",
     "evaluate": NOTEBOOKS / "20_evaluate.ipynb",
@@ -49,6 +50,7 @@ class Grid:
     cost: dict[str, float] = field(default_factory=dict)  # cell id -> estimated FLOPs
     model_cells: dict[str, Cell] = field(default_factory=dict)  # trained model name -> its cell
     notes: list[str] = field(default_factory=list)  # planning decisions worth a line in `plan`/`run`
+    contamination: "pd.DataFrame | None" = None  # test items found in the training data, per task
 
     def add(self, cell: Cell, flops: float = 0.0) -> Cell:
         if all(c.id != cell.id for c in self.cells):
@@ -61,26 +63,53 @@ class Grid:
 
 
 def _param_count(cfg: StudyConfig, name: str) -> float:
-    """Parameters of a model, for the cost estimate (micro: exact; real: its config, or the size in its name)."""
+    """Parameters of a model, for the cost estimate: micro exact; real from its local files (safetensors
+    headers, GGUF tensor infos; a pruned model counts its kept layers), else the size in its name."""
     spec = cfg.models[name]
     if spec.micro:
         from .models import MICRO_SIZES
         s, v = MICRO_SIZES[spec.micro], cfg.world.vocab_size
         kv = s.hidden // s.heads * s.kv_heads
         return v * s.hidden + s.layers * (2 * s.hidden * s.hidden + 2 * s.hidden * kv + 3 * s.hidden * s.ffn)
+    from .model_sources import count_parameters_from_files, kept_layers, layer_count
+    source = _model_file(cfg, spec.prune.model if spec.prune else name)
+    keep = None
+    if spec.prune and source is not None:
+        n_layers = layer_count(source)
+        keep = kept_layers(n_layers, spec.prune.keep, spec.prune.rule) if n_layers else None
+    count = count_parameters_from_files(source, keep) if source is not None else None
+    if count is not None:
+        return float(count)
     import re
-    m = re.search(r"(\d+(?:\.\d+)?)\s*[bB]\b", spec.path.replace("-", " ").replace("_", " "))
+    m = re.search(r"(\d+(?:\.\d+)?)\s*[bB]\b", (spec.path or "").replace("-", " ").replace("_", " "))
     return float(m.group(1)) * 1e9 if m else math.nan
 
 
+def _model_file(cfg: StudyConfig, name: str) -> Path | None:
+    """The local file or folder a real model is read from (a GGUF file, a saved model), if any."""
+    spec = cfg.models[name]
+    if spec.gguf:
+        from .model_sources import resolve_gguf
+        return resolve_gguf(spec.gguf)
+    local = Path(spec.path).expanduser() if spec.path else None
+    return local if local is not None and local.exists() else None
+
+
 def _train_examples(cfg: StudyConfig) -> int:
-    """Training examples: the micro world's, the data file's when it is here, else 10k (Math10K-sized)."""
+    """Training examples: the micro world's, else the training items when they are local files,
+    else 10k (Math10K-sized)."""
     if cfg.world:
         from .tasks import resolve_tasks
-        return cfg.world.n_train * len(resolve_tasks(cfg.training.train_tasks))
+        n = cfg.world.n_train
+        return min(n, cfg.training.limit or n) * len(resolve_tasks(cfg.training.train_tasks))
+    from .tasks import load_training_items
     data = cfg.training.train_data
-    if data and Path(data).is_file():
-        return len(json.loads(Path(data).read_text()))
+    if data is None or Path(data).is_file():
+        try:
+            return len(load_training_items(cfg.training.train_tasks, data, cfg.evaluation.data_root,
+                                           cfg.training.limit))
+        except FileNotFoundError:
+            pass
     return 10_000
 
 
@@ -131,9 +160,14 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                                 resources=res("prepare")))
         data_root = str(world_cell.output_dir(study) / "data")
 
+    def deps_of(*cells: Cell | None) -> tuple[str, ...]:
+        return tuple(c.id for c in cells if c is not None)
+
     # Largest models first: among ready cells the runner starts the earliest listed, so the
     # long teacher runs (the critical path) start before the students'.
-    by_size = sorted(cfg.models, key=lambda m: -_param_count(cfg, m) if not math.isnan(_param_count(cfg, m)) else 0)
+    counts = {m: _param_count(cfg, m) for m in cfg.models}
+    n_params = counts.__getitem__
+    by_size = sorted(cfg.models, key=lambda m: 0 if math.isnan(counts[m]) else -counts[m])
     base: dict[str, tuple[str, Cell | None]] = {}
     for name in by_size:
         spec = cfg.models[name]
@@ -146,31 +180,43 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                                "pretrain": cfg.pretrain.model_dump(exclude={"steps"}), "steps": steps,
                                "seed": cfg.seeds[0]},
                               deps=(world_cell.id,), resources=res("prepare")),
-                         flops=6 * _param_count(cfg, name) * steps * cfg.pretrain.batch_size * cfg.pretrain.block)
+                         flops=6 * n_params(name) * steps * cfg.pretrain.batch_size * cfg.pretrain.block)
             base[name] = (str(cell.output_dir(study) / "model"), cell)
-        else:
+        elif spec.gguf:
+            cell = g.add(Cell("prepare", f"prepare/model/{name}", NB["model"],
+                              ModelJob(model=name, gguf=spec.gguf).model_dump(mode="json"), resources=res("prepare")))
+            base[name] = (str(cell.output_dir(study) / "model"), cell)
+        elif spec.path:
             base[name] = (spec.path, None)
+    for name in by_size:  # pruned copies, once their sources are placed
+        prune = cfg.models[name].prune
+        if prune:
+            source_path, source_cell = base[prune.model]
+            cell = g.add(Cell("prepare", f"prepare/model/{name}", NB["model"],
+                              ModelJob(model=name, source_path=source_path, keep=prune.keep,
+                                       rule=prune.rule).model_dump(mode="json"),
+                              deps=deps_of(source_cell), resources=res("prepare")))
+            base[name] = (str(cell.output_dir(study) / "model"), cell)
 
     def training_for(model: str) -> dict:
-        """The training section of one model's runs, its per-model steps and batch size resolved."""
+        """The training section of one model's runs: per-model steps and batch size, LoRA or full fine-tuning."""
         steps = cfg.steps_for(model)
         resolved = {**train_dump, "batch_size": cfg.training.batch_for(model)}
+        if not cfg.models[model].uses_lora(cfg.training.lora is not None):
+            resolved["lora"] = None
         return {**resolved, "steps": steps} if steps is not None else resolved
-
-    def deps_of(*cells: Cell | None) -> tuple[str, ...]:
-        return tuple(c.id for c in cells if c is not None)
 
     def train_flops(student: str, teacher: str | None, live_share: float) -> float:
         """Student training plus the live teacher's forward passes on `live_share` of the batches."""
         tokens = _steps(cfg, student) * _tokens_per_step(cfg, student)
-        return 6 * _param_count(cfg, student) * tokens + (2 * _param_count(cfg, teacher) * tokens * live_share
+        return 6 * n_params(student) * tokens + (2 * n_params(teacher) * tokens * live_share
                                                           if live_share else 0)
 
     def sft_cell(model: str, seed: int) -> Cell:
         path, base_cell = base[model]
         job = DistillJob(student=model, student_path=path, method="sft", seed=seed, steps=cfg.steps_for(model),
                          training=training_for(model), data_root=data_root, cache_root=cache_root,
-                         trust_remote_code=cfg.models[model].trust_remote_code)
+                         trust_remote_code=cfg.models[model].trust_remote_code, authors=cfg.authors)
         stage = "prepare" if model in cfg.teachers and seed == cfg.seeds[0] else "distill"
         cell = g.add(Cell(stage, f"sft/{model}/s{seed}", NB["distill"], job.model_dump(mode="json"),
                           deps=deps_of(base_cell, world_cell), resources=res(stage)),
@@ -248,10 +294,11 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
             params = {"teacher": teacher, "teacher_path": path, "teacher_kind": kind, "noise": noise,
                       "noise_seed": noise_seed(noise, seed), "temperatures": sorted(temps_of_teacher[(teacher, kind)]),
                       "training": training_for(teacher), "kd": kd_dump, "data_root": data_root,
-                      "cache_root": cache_root, "generations": (teacher, kind) in seqkd_teachers and not noise}
+                      "cache_root": cache_root, "generations": (teacher, kind) in seqkd_teachers and not noise,
+                      "authors": cfg.authors}
             caches[key] = g.add(Cell("prepare", f"prepare/cache/{teacher}/{kind}/n{noise:g}" + (f"/s{seed}" if noise else ""),
                                      NB["cache"], params, deps=deps_of(tcell, world_cell), resources=res("prepare")),
-                                flops=2 * _param_count(cfg, teacher) * _train_tokens(cfg))
+                                flops=2 * n_params(teacher) * _train_tokens(cfg))
         return caches[key]
 
     for teacher, student, method, kind, noise, tau, seed in kd_runs():
@@ -267,7 +314,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
             kd=cfg.kd.model_copy(update={"teacher_cache": cached}),
             data_root=data_root, cache_root=cache_root,
             cache_temperatures=sorted(temps_of_teacher[(teacher, kind)]) if cached else None,
-            trust_remote_code=cfg.models[student].trust_remote_code)
+            trust_remote_code=cfg.models[student].trust_remote_code, authors=cfg.authors)
         name = f"kd/{student}<-{teacher}/{method}/t{tau:g}/n{noise:g}/{kind}/s{seed}"
         cell = g.add(Cell("distill", name, NB["distill"], job.model_dump(mode="json"),
                           deps=deps_of(scell, tcell, ccell, world_cell), resources=res("distill")),
@@ -286,14 +333,19 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                       data_root=data_root)
         eval_cells.append(g.add(Cell("evaluate", f"evaluate/{key}", NB["evaluate"], job.model_dump(mode="json"),
                                      deps=(cell.id,), resources=res("evaluate")),
-                                flops=2 * _param_count(cfg, p["student"]) * eval_tokens))
+                                flops=2 * n_params(p["student"]) * eval_tokens))
     for teacher in {t for *_, kinds, pairs in subgrids if "base" in kinds for t, _ in pairs}:
         path, bcell = base[teacher]
         job = EvalJob(model=f"{teacher}/base", model_path=path, kind="base", student=teacher, method="base",
                       evaluation=cfg.evaluation, data_root=data_root)
         eval_cells.append(g.add(Cell("evaluate", f"evaluate/{teacher}/base", NB["evaluate"],
                                      job.model_dump(mode="json"), deps=deps_of(bcell), resources=res("evaluate")),
-                                flops=2 * _param_count(cfg, teacher) * eval_tokens))
+                                flops=2 * n_params(teacher) * eval_tokens))
+
+    g.contamination = _contamination(cfg, data_root)
+    if g.contamination is not None:
+        from .contamination import describe
+        g.notes.append(describe(g.contamination))
 
     # Analysis: the inputs' ids are a parameter, so new results make a new analysis cell.
     inputs = hashlib.sha256(",".join(sorted(c.id for c in eval_cells)).encode()).hexdigest()[:12]
@@ -304,6 +356,26 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         g.add(Cell("statistics", key, NB[key], {**common, "fidelity_dir": str(fid.output_dir(study))},
                    deps=(fid.id,), resources=res("statistics")))
     return g
+
+
+def _contamination(cfg: StudyConfig, data_root: str | None):
+    """Per task, the test items found in the training data, when both can be read before compute
+    (local files; the micro world's data is made by its prepare cell, which checks it there).
+    Raises above training.contamination.max_share unless it is allowed."""
+    from .contamination import refuse_above, task_overlap
+    from .tasks import load_training_items
+
+    data = cfg.training.train_data
+    if cfg.world or (data and not Path(data).is_file()):
+        return None
+    try:
+        items = load_training_items(cfg.training.train_tasks, data, data_root, cfg.training.limit)
+        table = task_overlap(items, cfg.evaluation.tasks, cfg.evaluation.data_root)
+    except FileNotFoundError:
+        return None
+    c = cfg.training.contamination
+    refuse_above(table, c.max_share, c.allow, data or f"(train_tasks {cfg.training.train_tasks})")
+    return table
 
 
 def study_dir_for(cfg: StudyConfig, outputs: str | Path | None = None) -> Path:
@@ -365,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     study.mkdir(parents=True, exist_ok=True)
     (study / "params.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    if grid.contamination is not None:
+        grid.contamination.to_csv(study / "contamination.csv", index=False)
     for note in grid.notes:
         print(note)
     executor = args.executor or cfg.executor.get("kind", "local")

@@ -110,8 +110,9 @@ class OnPolicySampler:
     """GKD's on-policy step: with probability lmbda, replace a batch's responses by samples
     of the current student (temperature 1, from the same prompts)."""
 
-    def __init__(self, lmbda: float, max_new_tokens: int, pad_id: int, eos_id: int, seed: int = 0):
-        self.lmbda, self.max_new_tokens = lmbda, max_new_tokens
+    def __init__(self, lmbda: float, max_new_tokens: int, pad_id: int, eos_id: int, seed: int = 0,
+                 loss_on_prompt: bool = False):
+        self.lmbda, self.max_new_tokens, self.loss_on_prompt = lmbda, max_new_tokens, loss_on_prompt
         self.pad_id, self.eos_id = pad_id, eos_id
         self.rng = random.Random(seed)
         self.generator_seed = seed
@@ -122,10 +123,7 @@ class OnPolicySampler:
         if self.rng.random() >= self.lmbda:
             return batch
         self.on_policy_batches += 1
-        prompts = []
-        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-            start = int((labels != IGNORE).nonzero()[0]) if (labels != IGNORE).any() else int(mask.sum())
-            prompts.append(ids[:start].tolist())
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"].tolist())]
         width = max(len(p) for p in prompts)
         device = batch["input_ids"].device
         left = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
@@ -145,7 +143,7 @@ class OnPolicySampler:
             gen = out[r, width:].tolist()
             if self.eos_id in gen:  # generate pads only after eos: cut there
                 gen = gen[: gen.index(self.eos_id) + 1]
-            examples.append(Example(tuple(p), tuple(gen) or (self.eos_id,), idx))
+            examples.append(Example(tuple(p), tuple(gen) or (self.eos_id,), idx, self.loss_on_prompt))
         new = collate(examples, self.pad_id)
         new["on_policy"] = torch.tensor(True)
         return {k: v.to(device) for k, v in new.items()}

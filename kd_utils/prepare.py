@@ -12,7 +12,8 @@ from . import microworld
 from .config import PretrainConfig, WorldConfig
 from .data import collate_blocks, epoch_batches, pack_corpus
 from .models import build_micro_model, count_parameters, load_tokenizer
-from .tasks import build_prompt, resolve_tasks
+from .contamination import overlap_table, refuse_above
+from .tasks import build_prompt, load_items, resolve_tasks
 from .tokenization import train_bpe_tokenizer
 from .training import OptimSettings, cycle_steps, token_ce, train
 
@@ -29,8 +30,13 @@ def build_world(world: WorldConfig, out_dir: str | Path) -> dict:
             texts.append(build_prompt(item["instruction"], item.get("input", "")) + item["output"])
     tokenizer = train_bpe_tokenizer(texts, world.vocab_size, out / "tokenizer")
     lengths = [len(ids) for ids in tokenizer(texts[len(corpus):], add_special_tokens=False)["input_ids"]]
+    tasks = resolve_tasks("micro")
+    overlap = overlap_table([it for t in tasks for it in load_items(t, out / "data", split="train")],
+                            {t.name: load_items(t, out / "data") for t in tasks})
+    refuse_above(overlap, 0.0, False, "of the micro world")
     return {"tasks": counts, "corpus_lines": len(corpus), "vocab_size": len(tokenizer),
-            "task_tokens_mean": sum(lengths) / len(lengths), "task_tokens_max": max(lengths)}
+            "task_tokens_mean": sum(lengths) / len(lengths), "task_tokens_max": max(lengths),
+            "contamination": overlap.to_dict(orient="records")}
 
 
 def pretrain_micro(size: str, world_dir: str | Path, cfg: PretrainConfig, steps: int, out_dir: str | Path,

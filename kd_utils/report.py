@@ -27,6 +27,26 @@ def _without_stderr(cell):
     return cell
 
 
+def _contamination_section(grid) -> list:
+    """The train/test overlap per task, checked before compute (kd_utils.contamination)."""
+    import json
+
+    import pandas as pd
+
+    table = grid.contamination
+    if table is None:
+        worlds = [c.output_dir(grid.study_dir) / "metrics.json" for c in grid.by_notebook("world")]
+        records = [json.loads(p.read_text()).get("contamination") for p in worlds if p.exists()]
+        table = pd.DataFrame(records[0]) if records and records[0] else None
+    if table is None:
+        return []
+    hit = int(table["n_overlap"].sum())
+    summary = ("No test item appears in the training data." if hit == 0 else
+               f"{hit} test items appear in the training data (normalized instruction match).")
+    return [nbformat.v4.new_markdown_cell(f"## Train/test contamination\n\n{summary}\n\n"
+                                          + table.to_markdown(index=False, floatfmt=".4f"))]
+
+
 def render_report(grid) -> Path:
     """Write `<study>/report.html` from the executed fidelity, ablation and statistics notebooks."""
     from .grid import REPORT_NOTEBOOKS
@@ -44,9 +64,10 @@ def render_report(grid) -> Path:
         f"# Knowledge distillation study `{grid.cfg.study}`\n\n"
         f"Rendered {stamp} on {_machine()}. Tables: `results.csv`, `fidelity.csv` beside this page; "
         f"every number links back to an executed notebook under `{study.name}/<stage>/<cell id>/notebook.ipynb`.")
+    sections = [title] + _contamination_section(grid)
     merged = nbformat.v4.new_notebook()
     merged.metadata = executed[0].metadata if executed else {}
-    merged.cells = [title] + [_without_stderr(c) for nb in executed for c in nb.cells
+    merged.cells = sections + [_without_stderr(c) for nb in executed for c in nb.cells
                               if not {"parameters", "injected-parameters"} & set(c.metadata.get("tags", []))]
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(merged)

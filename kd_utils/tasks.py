@@ -310,6 +310,41 @@ def load_items(task: Task | str, data_root: str | Path | None = None, split: str
     return items
 
 
+def load_training_items(train_tasks, train_data: str | None = None, data_root: str | Path | None = None,
+                        limit: int | None = None) -> list[dict]:
+    """Training items (instruction, input, output): an LLM-Adapters JSON file (Math10K,
+    Commonsense15K) or a hub dataset id with instruction/input/output columns when `train_data`
+    is given, else the training splits of the named tasks; `limit` keeps the first items of each
+    task (or of the file)."""
+    if train_data:
+        return _read_training_data(train_data)[:limit]
+    return [it for task in resolve_tasks(train_tasks) for it in load_items(task, data_root, split="train", limit=limit)]
+
+
+def _read_training_data(train_data: str) -> list[dict]:
+    path = Path(train_data)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"training data file {train_data!r} does not exist")
+        items = _read_json(path)
+        for i, it in enumerate(items):
+            missing = [k for k in ("instruction", "output") if not isinstance(it, dict) or k not in it]
+            if missing:
+                raise ValueError(f"{path}: item {i} lacks {missing}")
+        return items
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(train_data, split="train")
+    except Exception as err:  # datasets raises several types for a missing/unreachable dataset
+        raise FileNotFoundError(f"training data {train_data!r} is neither a local JSON file nor a loadable hub "
+                                f"dataset ({err.__class__.__name__}); give a local LLM-Adapters JSON path") from err
+    missing = {"instruction", "output"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"hub dataset {train_data!r} lacks columns {sorted(missing)}")
+    return [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
+
+
 # --- prompts and reference responses ------------------------------------------------------------
 
 def build_prompt(instruction: str, input: str = "") -> str:

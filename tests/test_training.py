@@ -40,11 +40,60 @@ def test_tokenize_pairs_truncates_only_the_end_of_the_response(world):
     assert cut.response_ids == full.response_ids[:10]
 
 
-def test_tokenize_pairs_rejects_a_prompt_that_leaves_no_room(world):
+def test_a_long_prompt_loses_its_left_and_keeps_its_end_and_the_whole_response(world):
+    prompt, response = "word " * 50 + "is 3 larger than 2?", "the correct answer is true"
+    full = tokenize_pairs(world.tok, [prompt], [response], max_length=1000)[0]
+    n = len(full.response_ids) + 12
+    report = {}
+    cut = tokenize_pairs(world.tok, ["ok", prompt], ["a", response], max_length=n, report=report)[1]
+    assert cut.index == 1 and cut.response_ids == full.response_ids
+    assert cut.prompt_ids == full.prompt_ids[-12:]
+    assert report == {"examples": 2, "prompt_truncated": 1, "response_truncated": 0, "skipped": 0}
+
+
+class _DigitTokenizer:
+    """One token per digit (id = digit + 2), a special BOS (1) on prompts, eos 9."""
+
+    eos_token_id, all_special_ids = 9, [1, 9]
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [([1] if add_special_tokens else []) + [int(c) + 2 for c in t] for t in texts]}
+
+
+def test_left_truncation_keeps_the_special_token_prefix():
+    ex = tokenize_pairs(_DigitTokenizer(), ["1234567"], ["12"], max_length=8)[0]
+    assert ex.prompt_ids == (1, 6, 7, 8, 9) and ex.response_ids == (3, 4, 9)
+
+
+def test_a_response_longer_than_half_the_window_is_cut_and_the_prompt_keeps_half(world):
+    prompt, response = "word " * 30, " ".join(str(i) for i in range(80))
+    full = tokenize_pairs(world.tok, [prompt], [response], max_length=1000)[0]
+    report = {}
+    cut = tokenize_pairs(world.tok, [prompt], [response], max_length=40, report=report)[0]
+    assert len(cut.prompt_ids) == min(len(full.prompt_ids), 20)
+    assert cut.response_ids == full.response_ids[: 40 - len(cut.prompt_ids)]
+    assert report["response_truncated"] == 1
+
+
+def test_skip_leaves_long_pairs_out_and_counts_them(world):
     prompt = "word " * 50
-    n = len(world.tok(prompt)["input_ids"])
-    with pytest.raises(ValueError, match="prompt 1"):
-        tokenize_pairs(world.tok, ["ok", prompt], ["a", "b"], max_length=n)
+    report = {}
+    ex = tokenize_pairs(world.tok, ["ok", prompt, "fine"], ["a", "b", "c"], max_length=20, truncation="skip",
+                        report=report)
+    assert [e.index for e in ex] == [0, 2]
+    assert report == {"examples": 2, "prompt_truncated": 0, "response_truncated": 0, "skipped": 1}
+    with pytest.raises(ValueError, match="no example fits"):
+        tokenize_pairs(world.tok, [prompt], ["b"], max_length=20, truncation="skip")
+    with pytest.raises(ValueError, match="unknown truncation rule 'right'"):
+        tokenize_pairs(world.tok, ["a"], ["b"], max_length=20, truncation="right")
+
+
+def test_loss_on_prompt_puts_every_token_after_the_first_in_the_labels(world):
+    e = tokenize_pairs(world.tok, ["Q: 1 + 2?\n"], ["3"], max_length=50, loss_on_prompt=True)[0]
+    batch = collate([e], 0)
+    seq = list(e.prompt_ids + e.response_ids)
+    assert batch["labels"][0, :len(seq)].tolist() == seq
+    assert e.n_targets == len(seq) - 1 == int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def test_tokenize_pairs_rejects_mismatched_lengths_and_a_tokenizer_without_eos(world):

