@@ -131,9 +131,29 @@ def test_a_near_miss_model_name_gets_a_suggestion(tmp_path):
 
 
 @pytest.mark.parametrize("spec,match", [({"micro": "micro-s", "path": "Qwen/Qwen2.5-0.5B"}, "exactly one"),
-                                        ({}, "exactly one"), ({"micro": "micro-xxl"}, "micro-xs")])
+                                        ({}, "exactly one"), ({"micro": "micro-xxl"}, "micro-xs"),
+                                        ({"gguf": "a.gguf", "path": "Qwen/Qwen2.5-0.5B"}, "exactly one"),
+                                        ({"prune": {"model": "micro-m", "keep": 0}}, "greater than 0"),
+                                        ({"prune": {"model": "micro-m", "keep": 2, "rule": "middle"}}, "'even'")])
 def test_a_model_spec_needs_exactly_one_known_source(tmp_path, spec, match):
     assert match in _error(tmp_path, models={**BASE["models"], "micro-s": spec})
+
+
+def test_a_pruned_model_names_an_unpruned_source_in_models(tmp_path):
+    msg = _error(tmp_path, models={**BASE["models"], "p": {"prune": {"model": "micro-mm", "keep": 2}}})
+    assert "models.p.prune.model: 'micro-mm' is not in models (did you mean 'micro-m'?)" in msg
+    msg = _error(tmp_path, models={**BASE["models"], "p": {"prune": {"model": "micro-m", "keep": 2}},
+                                   "q": {"prune": {"model": "p", "keep": 1}}})
+    assert "'p' is itself pruned" in msg
+
+
+def test_pruned_models_fine_tune_every_weight_unless_told_otherwise():
+    from kd_utils.config import ModelSpec
+    pruned = ModelSpec(prune={"model": "t", "keep": 2})
+    assert not pruned.uses_lora(training_lora=True)
+    assert ModelSpec(prune={"model": "t", "keep": 2}, finetune="lora").uses_lora(training_lora=False)
+    assert ModelSpec(path="x").uses_lora(training_lora=True) and not ModelSpec(path="x").uses_lora(False)
+    assert not ModelSpec(path="x", finetune="full").uses_lora(training_lora=True)
 
 
 def test_micro_models_need_a_world_section(tmp_path):
@@ -311,3 +331,12 @@ def test_micro_world_examples_fit_the_training_max_length(path, tmp_path):
             if longest > cfg.training.max_length:
                 too_long[f"{task.name}/{split}"] = longest
     assert not too_long, f"max_length {cfg.training.max_length}: {too_long}"
+
+
+@pytest.mark.parametrize("method,authors,tau", [("gkd", True, 1.0), ("gkd", False, 2.0), ("fkl", True, 2.0)])
+def test_under_authors_gkd_applies_no_temperature(method, authors, tau):
+    """Their kd_trainer calls generalized_jsd_loss without the temperature: GKD 'tau 2' runs are tau 1."""
+    from kd_utils.distill import effective_temperature
+    job = DistillJob(student="s", student_path="p", method=method, teacher="t", teacher_path="q",
+                     temperature=2.0, training=TrainingConfig(steps=1), authors=authors)
+    assert effective_temperature(job) == tau

@@ -93,6 +93,20 @@ def test_stop_strings_truncate(model, tokenizer):
         E.generate(model, tokenizer, PROMPTS, stop_strings="###", progress=False)
 
 
+def test_a_prompt_longer_than_the_window_loses_its_left_and_is_flagged(model, tokenizer):
+    long_prompt = "Sam has 12 apples " * 120 + "How many apples"
+    n = len(tokenizer(long_prompt)["input_ids"])
+    window = model.config.max_position_embeddings
+    assert n + 8 > window
+    flags: list[bool] = []
+    out = E.generate(model, tokenizer, [long_prompt, PROMPTS[0]], max_new_tokens=8, progress=False, truncated=flags)
+    assert flags == [True, False]
+    kept = tokenizer.decode(tokenizer(long_prompt)["input_ids"][n - (window - 8):])
+    assert out[0] == E.generate(model, tokenizer, [kept], max_new_tokens=8, progress=False)[0]
+    with pytest.raises(ValueError, match="leaves no room"):
+        E.generate(model, tokenizer, [PROMPTS[0]], max_new_tokens=window, progress=False)
+
+
 def _direct_loglik(model, tokenizer, context: str, continuation: str) -> float:
     stripped = context.rstrip()
     ctx = tokenizer(stripped)["input_ids"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kd_utils.config import DistillJob, KDConfig, TrainingConfig
-from kd_utils.data import IGNORE, collate
+from kd_utils.data import IGNORE, Example, collate
 from kd_utils.fidelity import distribution_fidelity
 from kd_utils.losses import OBJECTIVES
 from kd_utils.methods import METHODS, KDSettings, LiveTeacher, OnPolicySampler, kd_objective
@@ -196,6 +196,18 @@ def test_on_policy_sampler_with_lmbda_1_replaces_every_response_keeping_prompts(
             assert new["labels"][r, p:n].tolist() == response
             assert new["labels"][r, n:].eq(IGNORE).all() and new["labels"][r, :p].eq(IGNORE).all()
             assert world.eos not in response[:-1], "a sample ends at its first eos"
+
+
+def test_under_authors_on_policy_samples_keep_the_prompt_in_the_loss(world, xs):
+    """The authors' GKD labels the whole sampled sequence (their generate_new_inputs masks pads only)."""
+    examples = [Example(e.prompt_ids, e.response_ids, e.index, loss_on_prompt=True) for e in world.examples[3:6]]
+    gold = collate(examples, world.pad)
+    new = OnPolicySampler(1.0, max_new_tokens=6, pad_id=world.pad, eos_id=world.eos, seed=0,
+                          loss_on_prompt=True)(xs, gold)
+    for r, e in enumerate(examples):
+        n = int(new["attention_mask"][r].sum())
+        assert new["labels"][r, :n].tolist() == new["input_ids"][r, :n].tolist()
+        assert new["input_ids"][r, :len(e.prompt_ids)].tolist() == list(e.prompt_ids)
 
 
 def test_on_policy_sampler_with_lmbda_0_never_samples(world, xs):
