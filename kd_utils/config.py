@@ -9,12 +9,13 @@ from __future__ import annotations
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .methods import METHODS
+from .model_sources import PRUNE_RULES
 
 
 class Strict(BaseModel):
@@ -31,8 +32,7 @@ class WorldConfig(Strict):
     seed: int = 0
 
 
-PruneRule = Literal["even", "first", "ends"]
-PRUNE_RULES: tuple[str, ...] = get_args(PruneRule)
+PruneRule = Literal[PRUNE_RULES]  # kd_utils.model_sources.kept_layers
 
 
 class PruneSpec(Strict):

@@ -76,7 +76,10 @@ def _param_count(cfg: StudyConfig, name: str) -> float:
     keep = None
     if spec.prune and source is not None:
         n_layers = layer_count(source)
-        keep = kept_layers(n_layers, spec.prune.keep, spec.prune.rule) if n_layers else None
+        try:
+            keep = kept_layers(n_layers, spec.prune.keep, spec.prune.rule) if n_layers else None
+        except ValueError as err:
+            raise ValueError(f"models.{name}.prune: {err} ({spec.prune.model!r})") from None
     count = count_parameters_from_files(source, keep) if source is not None else None
     if count is not None:
         return float(count)
@@ -342,6 +345,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                                      job.model_dump(mode="json"), deps=deps_of(bcell), resources=res("evaluate")),
                                 flops=2 * n_params(teacher) * eval_tokens))
 
+    _check_tokenizers(cfg, {p for *_, pairs in subgrids for p in pairs})
     g.contamination = _contamination(cfg, data_root)
     if g.contamination is not None:
         from .contamination import describe
@@ -356,6 +360,20 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         g.add(Cell("statistics", key, NB[key], {**common, "fidelity_dir": str(fid.output_dir(study))},
                    deps=(fid.id,), resources=res("statistics")))
     return g
+
+
+def _check_tokenizers(cfg: StudyConfig, pairs: set[tuple[str, str]]) -> None:
+    """Teacher and student share a tokenizer: checked before compute where both are local model
+    folders (GGUF-converted and pruned models share their source's; the distill cell checks every pair)."""
+    folders = {name: Path(spec.path).expanduser() for name, spec in cfg.models.items()
+               if spec.path and (Path(spec.path).expanduser() / "tokenizer_config.json").is_file()}
+    pairs = [(t, s) for t, s in pairs if t in folders and s in folders]
+    if not pairs:
+        return
+    from .models import check_compatible, load_tokenizer
+    tokenizers = {name: load_tokenizer(folders[name]) for pair in pairs for name in pair}
+    for t, s in pairs:
+        check_compatible(tokenizers[t], tokenizers[s], t, s)
 
 
 def _contamination(cfg: StudyConfig, data_root: str | None):

@@ -272,6 +272,32 @@ def count_parameters_from_files(source: str | Path, keep_layers: list[int] | Non
     return _count(sizes, _LAYER_NAME["safetensors"], keep_layers)
 
 
+def layer_count(source: str | Path) -> int | None:
+    """Decoder layers of a model read from its files: config.json's num_hidden_layers, or a GGUF's
+    "<architecture>.block_count"; None when the files cannot tell."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if _package_spec(source) or (path.is_file() and _starts_with(path, GGUF_MAGIC)):
+        fields = _open_gguf(source)[1].fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        block = fields.get(f"{arch}.block_count")
+        return int(block.parts[-1][0]) if block is not None else None
+    config = path / "config.json"
+    return _read_json(config).get("num_hidden_layers") if config.is_file() else None
+
+
+def prepare_model(job, out_dir: str | Path) -> dict:
+    """The `02_model` cell: convert the job's GGUF, or prune its source model, into `<out_dir>/model`."""
+    target = Path(out_dir) / "model"
+    if job.gguf:
+        metrics = {"source": "gguf", **convert_gguf(job.gguf, target)}
+    else:
+        metrics = {"source": "pruned", "rule": job.rule, "keep": job.keep,
+                   **derive_pruned(job.source_path, target, job.keep, job.rule)}
+        metrics["kept_layers"] = metrics.pop("layers")
+    return {"model": job.model, **metrics}
+
+
 def _count(sizes: dict[str, int], layer_name: re.Pattern, keep_layers: list[int] | None) -> int:
     """Sum of tensor sizes, without the layer tensors of layers not in `keep_layers`."""
     def kept(name: str) -> bool:

