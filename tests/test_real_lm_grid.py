@@ -64,13 +64,18 @@ def study(tmp_path_factory):
     return root / "smol_ci", proc.stdout
 
 
-def _runs(study: Path, stage: str = "distill") -> list[dict]:
+def _metrics(study: Path, stage: str) -> list[dict]:
     return [json.loads(m.read_text()) for m in sorted((study / stage).glob("*/metrics.json"))]
+
+
+def _runs(study: Path) -> list[dict]:
+    """Every training run: the teacher's SFT (prepare stage) and the students' runs (distill stage)."""
+    return [m for stage in ("prepare", "distill") for m in _metrics(study, stage) if "method" in m]
 
 
 def test_the_gguf_teacher_and_the_pruned_student_are_made_once_in_the_prepare_stage(study):
     path, _ = study
-    made = {m["model"]: m for m in _runs(path, "prepare") if "model" in m and "source" in m}
+    made = {m["model"]: m for m in _metrics(path, "prepare") if "source" in m}
     assert set(made) == {"smollm2", "smol-l4"}
     assert made["smollm2"]["source"] == "gguf" and made["smollm2"]["params"] == 134_515_008
     assert made["smol-l4"]["kept_layers"] == [0, 1, 28, 29]
