@@ -347,6 +347,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
 
     _check_tokenizers(cfg, {p for *_, pairs in subgrids for p in pairs})
     g.contamination = _contamination(cfg, data_root)
+    g.notes += _length_notes(cfg, data_root)
     if g.contamination is not None:
         from .contamination import describe
         g.notes.append(describe(g.contamination))
@@ -374,6 +375,44 @@ def _check_tokenizers(cfg: StudyConfig, pairs: set[tuple[str, str]]) -> None:
     tokenizers = {name: load_tokenizer(folders[name]) for pair in pairs for name in pair}
     for t, s in pairs:
         check_compatible(tokenizers[t], tokenizers[s], t, s)
+
+
+def _length_notes(cfg: StudyConfig, data_root: str | None) -> list[str]:
+    """A warning when training pairs exceed max_length, measured with the first teacher's tokenizer
+    where it can be read before compute (a local folder, a GGUF file; a pruned model's source's)."""
+    from .tasks import load_training_items
+
+    name = cfg.teachers[0]
+    spec = cfg.models[cfg.models[name].prune.model] if cfg.models[name].prune else cfg.models[name]
+    folder = Path(spec.path).expanduser() if spec.path else None
+    if not spec.gguf and not (folder and (folder / "tokenizer_config.json").is_file()):
+        return []
+    data = cfg.training.train_data
+    try:
+        items = load_training_items(cfg.training.train_tasks, data, data_root, cfg.training.limit) \
+            if data is None or Path(data).is_file() else []
+    except FileNotFoundError:
+        items = []
+    if not items:
+        return []
+    from .data import tokenize_pairs
+    from .model_sources import gguf_tokenizer
+    from .models import load_tokenizer
+    from .tasks import build_prompt
+
+    tokenizer = gguf_tokenizer(spec.gguf) if spec.gguf else load_tokenizer(folder)
+    report: dict = {}
+    tokenize_pairs(tokenizer, [build_prompt(it["instruction"], it.get("input", "")) for it in items],
+                   [it["output"] for it in items], cfg.training.max_length, truncation=cfg.training.truncation,
+                   report=report)
+    over = report["prompt_truncated"] + report["response_truncated"] + report["skipped"]
+    if not over:
+        return []
+    rule = ("are left out" if cfg.training.truncation == "skip" else
+            "lose prompt tokens from the left, or response tokens from the end when the response is long")
+    return [f"warning: {over} of {len(items)} training examples exceed training.max_length="
+            f"{cfg.training.max_length} tokens ({name}'s tokenizer); they {rule} (training.truncation: "
+            f"{cfg.training.truncation}; each run records its counts)"]
 
 
 def _contamination(cfg: StudyConfig, data_root: str | None):

@@ -147,6 +147,19 @@ def convert_gguf(spec: str, out_dir: str | Path, cache_dir: str | Path | None = 
             "cache_hit": hit, "cache_dir": str(cached), "out_dir": str(out_dir), "hardlinked": linked}
 
 
+def gguf_tokenizer(spec: str, cache_dir: str | Path | None = None):
+    """The tokenizer of a GGUF spec, from its converted copy when it exists (no model is loaded)."""
+    from transformers import AutoTokenizer
+
+    from .models import load_tokenizer
+
+    path = resolve_gguf(spec)
+    cached = user_cache_dir(cache_dir) / "converted" / file_sha256(path)[:16]
+    if (cached / MANIFEST).is_file():
+        return load_tokenizer(cached)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def _convert_into(path: Path, spec: str, sha256: str, target: Path) -> None:
     """Dequantize a GGUF with transformers and save it (fp32, without its quantization config)."""
     import torch

