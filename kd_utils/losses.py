@@ -22,26 +22,35 @@ where P_S = 0 < P_T -- each such token costs ``p * (log p + 87.3)``, a large fin
 are dropped before the softmax), so they may hold anything, NaN included, and get zero gradient.
 A position whose unmasked logits are all ``-inf`` has no distribution and gives NaN.
 
-Sparse (top-k) form. The k cached tokens plus one "tail" bucket with the remaining mass form a
-(k+1)-bucket partition of the vocabulary; the objective is evaluated on the bucketed teacher and
-student distributions:
+Sparse (top-k) form. The k cached tokens are exact: phi at each of them, with the teacher's
+``log p_i = z_i / tau - logZ_tau`` from the cached raw (untempered) logits ``z_i`` and the student's
+full-vocabulary ``log_softmax(s / tau)`` gathered at the cached ids. The other V - k tokens (the
+tail) are handled in one of two ways:
 
-* teacher: ``log p_i = z_i / tau - logZ_tau`` for the cached logits ``z_i`` (raw, untempered);
-  tail ``= log(1 - sum_i p_i)`` via ``log1mexp``; rounding that makes the top-k mass reach or
-  exceed 1 is clamped in log space to a zero tail (never a negative mass or NaN). The tail is
-  only as precise as the cached ``logZ``: with float32, absolute error ~ 6e-8 * |logZ|, so
-  tails below ~1e-6 are mostly rounding (rkl, which weighs log(teacher tail) by the student's
-  tail mass, is the most sensitive to this).
-* student: full-vocabulary ``log_softmax(s / tau)`` gathered at the cached ids; its tail is the
-  logsumexp over the other V - k tokens (exact, not 1 - sum).
+* One bucket (no samples given). The tail's total masses form a (k+1)-th bucket and phi is taken
+  on them. Teacher tail ``= log(1 - sum_i p_i)`` via ``log1mexp`` or, better, exact from the
+  cached tail logsumexp (``teacher_tail_logz``); rounding that makes the top-k mass reach or
+  exceed 1 is clamped in log space to a zero tail (never a negative mass or NaN). ``1 - sum`` is
+  only as precise as the cached ``logZ``: with float32, absolute error ~ 6e-8 * |logZ|, so tails
+  below ~1e-6 are mostly rounding (rkl, which weighs log(teacher tail) by the student's tail mass,
+  is the most sensitive to this). Student tail: the logsumexp over the other V - k tokens (exact).
+  For k < V the bucketed value is a lower bound on the dense one for EVERY objective here: all six
+  are f-divergences, and merging the tail into one bucket is a deterministic map of both
+  distributions (data-processing inequality). What is lost is the student's shape inside the
+  tail, only its total tail mass is matched -- a different objective wherever the tail is large
+  (a top-16 head holds most of the mass at tau = 1, little at tau = 2 or 5).
+* Importance-sampled (``sample_logits``, ``sample_ids``, ``sample_log_q`` given): m tail tokens
+  ``v_1..v_m`` drawn i.i.d. from a proposal q over the tail, with their raw teacher logits. The
+  tail sum ``sum_{v in tail} phi(p_v, s_v)`` is estimated by ``(1/m) sum_j phi(p_{v_j}, s_{v_j}) /
+  q(v_j)``: ``p`` at a sample is exact (its logit and the exact logZ), the student is exact, so the
+  estimate is unbiased in value and in gradient for every objective at every temperature, with
+  variance ~ 1/m (the idea of "Sparse Logit Sampling", Anshumann et al., ACL 2025, here with the
+  exact top-k head kept). :func:`tail_log_proposal` is the cache's proposal.
 
 Temperature: the top-k set is the same at every tau (softmax(z / tau) is monotone in z), so the
 cache stores raw logits once and one ``logZ_tau`` per temperature; ``logZ`` at the wrong tau is a
 silent error. At k = V the tail is empty and the result equals :func:`kd_loss` (up to float
-error). For k < V the bucketed value is a lower bound on the dense one for EVERY objective here:
-all six are f-divergences, and merging the tail tokens into one bucket is a deterministic map of
-both distributions (data-processing inequality). What is lost is the student's shape inside the
-tail, only its total tail mass is matched.
+error).
 
 Noise (the paper's teacher-noise ablation, z + N(0, sigma^2) before the tempered softmax): on
 dense logits use :func:`add_logit_noise` then :func:`kd_loss`. On a cache only the k stored logits
@@ -64,7 +73,7 @@ gjsd/(1-beta); the mixture formula itself is 0 there).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +81,19 @@ import torch.nn.functional as F
 __all__ = [
     "LOG_PROB_FLOOR",
     "OBJECTIVES",
+    "TAIL_UNIFORM",
     "add_logit_noise",
     "add_topk_logit_noise",
     "kd_loss",
     "sparse_kd_loss",
+    "tail_log_proposal",
 ]
 
 #: Floor for log-probabilities inside the log ratios: log of the smallest normal float32.
 LOG_PROB_FLOOR: float = math.log(torch.finfo(torch.float32).tiny)
+
+#: Uniform share of the tail proposal (:func:`tail_log_proposal`).
+TAIL_UNIFORM: float = 0.5
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -277,17 +291,25 @@ def sparse_kd_loss(
     alpha: float = 0.1,
     reduction: str = "mean",
     teacher_tail_logz: torch.Tensor | None = None,
+    sample_logits: torch.Tensor | None = None,
+    sample_ids: torch.Tensor | None = None,
+    sample_log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`kd_loss` from a top-k teacher cache, on k + 1 buckets (the k ids + one tail).
+    """:func:`kd_loss` from a top-k teacher cache: the k ids exact, the tail one bucket or sampled.
 
     ``student_logits``: (..., V). ``topk_logits`` / ``topk_ids``: (..., k), the teacher's raw
     (untempered) top-k logits and their distinct ids in [0, V). ``teacher_logz``: (...) or
     (..., 1), logsumexp over the FULL teacher vocabulary of teacher_logits / tau at THIS tau.
-    Equals kd_loss at k = V, is <= kd_loss for k < V (see the module docstring).
-    ``teacher_tail_logz`` (same shape as ``teacher_logz``, optional): logsumexp of the teacher's
-    logits / tau over the tokens OUTSIDE the top-k, with the same shift as ``teacher_logz``. When
-    given, the teacher's tail is exact (``tail - logZ``) instead of ``log(1 - head mass)``, which
-    rounds to an empty tail for a confident teacher and then overweights rkl-type objectives.
+    Equals kd_loss at k = V. Without samples the tail is one bucket: <= kd_loss for k < V (see the
+    module docstring). ``teacher_tail_logz`` (same shape as ``teacher_logz``, optional): logsumexp
+    of the teacher's logits / tau over the tokens OUTSIDE the top-k, with the same shift as
+    ``teacher_logz``. When given, the bucket's teacher mass is exact (``tail - logZ``) instead of
+    ``log(1 - head mass)``, which rounds to an empty tail for a confident teacher and then
+    overweights rkl-type objectives.
+    ``sample_logits`` / ``sample_ids`` / ``sample_log_q`` (all three or none; (..., m), m >= 1):
+    the raw teacher logits (shifted like ``teacher_logz``) and ids of m tail tokens drawn i.i.d.
+    from a proposal q over the tail, and log q of each. The tail is then the importance-sampling
+    estimate, unbiased for kd_loss in value and gradient; ``teacher_tail_logz`` is not used.
     """
     fn = _check_args(objective, temperature, beta, alpha, reduction)
     if student_logits.dim() < 1:
@@ -301,31 +323,85 @@ def sparse_kd_loss(
     k = topk_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"need 1 <= k <= V, got k={k}, V={vocab}")
+    samples = (sample_logits, sample_ids, sample_log_q)
+    sampled = sample_logits is not None
+    if any((x is None) == sampled for x in samples):
+        raise ValueError("give all of sample_logits, sample_ids and sample_log_q, or none")
+    if sampled and not (sample_logits.shape == sample_ids.shape == sample_log_q.shape
+                        and sample_logits.shape[:-1] == lead and sample_logits.shape[-1] >= 1):
+        raise ValueError(
+            f"sample_logits {tuple(sample_logits.shape)}, sample_ids {tuple(sample_ids.shape)} and sample_log_q "
+            f"{tuple(sample_log_q.shape)} must all be student_logits {tuple(student_logits.shape)} with the "
+            "vocab axis replaced by m >= 1"
+        )
     teacher_logz = _check_logz(teacher_logz, lead)
     dtype = _compute_dtype(student_logits, topk_logits, teacher_logz)
     n = math.prod(lead)
     idx = _rows(mask, lead, student_logits.device)
     s, z = student_logits.reshape(n, vocab), topk_logits.reshape(n, k)
     ids, lz = topk_ids.reshape(n, k).long(), teacher_logz.reshape(n)
-    tl = _check_logz(teacher_tail_logz, lead).reshape(n) if teacher_tail_logz is not None else None
-    if idx is not None:
-        s, z, ids, lz = (x.index_select(0, idx) for x in (s, z, ids, lz))
-        tl = tl.index_select(0, idx) if tl is not None else None
+    rows = [s, z, ids, lz]
+    if sampled:
+        m = sample_logits.shape[-1]
+        rows += [sample_logits.reshape(n, m), sample_ids.reshape(n, m).long(), sample_log_q.reshape(n, m)]
+    elif teacher_tail_logz is not None:
+        rows.append(_check_logz(teacher_tail_logz, lead).reshape(n))
+    if idx is not None:  # masked rows are never computed: no NaN from them, zero grad
+        rows = [x.index_select(0, idx) for x in rows]
+    s, z, ids, lz = rows[:4]
     tau = float(temperature)
+    lz = lz.to(dtype).unsqueeze(-1)
     s_lp = F.log_softmax(s.to(dtype) / tau, dim=-1)
-    s_head = s_lp.gather(-1, ids)
-    # tail = logsumexp over the V - k other tokens; the k cached slots are set to the floor
-    # (adds <= k * 1e-38 of mass) so an empty tail (k = V) stays finite with finite grads.
-    s_tail = s_lp.scatter(-1, ids, LOG_PROB_FLOOR).logsumexp(-1)
-    t_head = z.to(dtype) / tau - lz.to(dtype).unsqueeze(-1)
-    if tl is None:
-        t_tail = _teacher_tail(t_head.logsumexp(-1))
+    head = fn(z.to(dtype) / tau - lz, s_lp.gather(-1, ids), beta=beta, alpha=alpha).sum(-1)
+    if sampled:
+        zs, sids, log_q = rows[4:]
+        terms = fn(zs.to(dtype) / tau - lz, s_lp.gather(-1, sids), beta=beta, alpha=alpha)
+        tail = (terms * (-log_q.to(dtype)).exp()).mean(-1)
     else:
-        t_tail = (tl.to(dtype) - lz.to(dtype)).clamp(min=LOG_PROB_FLOOR)
-    t_b = torch.cat([t_head, t_tail.unsqueeze(-1)], dim=-1)
-    s_b = torch.cat([s_head, s_tail.unsqueeze(-1)], dim=-1)
-    vals = fn(t_b, s_b, beta=beta, alpha=alpha).sum(-1) * tau**2
-    return _reduce(vals, idx, lead, reduction)
+        # student tail = logsumexp over the V - k other tokens; the k cached slots are set to the
+        # floor (adds <= k * 1e-38 of mass) so an empty tail (k = V) stays finite with finite grads.
+        s_tail = s_lp.scatter(-1, ids, LOG_PROB_FLOOR).logsumexp(-1)
+        if len(rows) == 4:
+            t_tail = _teacher_tail((z.to(dtype) / tau - lz).logsumexp(-1))
+        else:
+            t_tail = (rows[4].to(dtype) - lz.squeeze(-1)).clamp(min=LOG_PROB_FLOOR)
+        tail = fn(t_tail, s_tail, beta=beta, alpha=alpha)
+    return _reduce((head + tail) * tau**2, idx, lead, reduction)
+
+
+def tail_log_proposal(
+    logits: torch.Tensor,
+    tail_logz: torch.Tensor,
+    temperatures: Sequence[float],
+    n_tail: int,
+    uniform: float = TAIL_UNIFORM,
+) -> torch.Tensor:
+    """log q(v) of the tail proposal at tail tokens with raw teacher logits ``logits`` (..., m):
+    ``q = (1 - uniform) * mean_j P_T(v | tail; tau_j) + uniform / n_tail``, the teacher's tail
+    distribution averaged over the cached temperatures plus a uniform share (weights 1/q <=
+    n_tail / uniform). ``tail_logz`` (..., n_tau): the tail logsumexp at each of ``temperatures``,
+    shifted like ``logits``. Computed in float32 (float64 stays float64).
+
+    Chosen by the exact standard deviation of the estimator (sum phi^2 / q - (sum phi)^2) on
+    SmolLM2-135M-Instruct teacher / 20-of-30-layer pruned student logits (ARC-Easy and BoolQ text,
+    k = m = 16, temperatures {1, 2, 5}; fkl, rkl, gjsd at each): against the teacher tail at one
+    temperature (1, 2 or 5) and mixtures with uniform shares 0-0.75, this one's std was within
+    1.3x (prompt and response positions) and 1.65x (response positions) of the best proposal of
+    each cell, the worst cells being fkl at tau 1 and 2; the teacher tail at the largest tau, the
+    natural choice, was 2-5x worse there. rkl and gjsd at tau 1 stay noisy under every
+    teacher-based proposal: their tail terms follow the student, which the cache cannot know.
+    tests/benchmarks/bench_cache_error.py measures this again.
+    """
+    if not 0.0 < uniform <= 1.0:
+        raise ValueError(f"uniform must be in (0, 1], got {uniform!r}")
+    dtype = _compute_dtype(logits, tail_logz)
+    log_uniform = torch.full(logits.shape, math.log(uniform / n_tail), dtype=dtype, device=logits.device)
+    if uniform == 1.0:
+        return log_uniform
+    tempered = torch.stack([logits.to(dtype) / t - tail_logz[..., j: j + 1].to(dtype)
+                            for j, t in enumerate(temperatures)])
+    log_teacher = tempered.logsumexp(0) - math.log(len(temperatures))
+    return torch.logaddexp(log_teacher + math.log1p(-uniform), log_uniform)
 
 
 # --------------------------------------------------------------------------- teacher noise

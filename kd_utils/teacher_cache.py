@@ -1,28 +1,40 @@
 """The offline teacher-signal cache: run the teacher once, distil many students from disk.
 
 A cache is keyed by everything that determines the signal (:func:`cache_key`: teacher weights,
-tokenizer, tokenized data, max length, k, noise sigma and seed). Every student, off-policy method
-and temperature of a grid then reads the same cache instead of running the teacher each step.
+tokenizer, tokenized data, max length, k, noise sigma and seed, tail samples m and their seed).
+Every student, off-policy method and temperature of a grid then reads the same cache instead of
+running the teacher each step.
 
 What is stored, per target position (the response positions ``labels[:, 1:] != -100``, each
 example's positions in order): the teacher's top-k logits (fp16) and token ids (int16 when the
-vocabulary fits, else int32), and for EACH requested temperature tau the full-vocabulary
-log-normalizer ``logZ_tau = logsumexp(z / tau)`` (fp32). Values are stored shifted by their
-position's maximum logit (softmax is shift-invariant; logZ carries the same shift), so the top
-token is exactly 0 and fp16 keeps ~5e-4 relative precision where the mass is. logZ is computed
-with the top-k logits as stored (fp16-rounded) and the others exact, so the cached head and tail
-describe one distribution (at k = V the head sums to 1: no spurious tail mass). Teacher logits
-wider than the tokenizer are sliced to ``vocab_size`` first. k >= vocab_size stores the whole
-distribution (k = vocab_size).
+vocabulary fits, else int32), m tail samples (ids and fp16 logits, below), and for EACH requested
+temperature tau the full-vocabulary log-normalizer ``logZ_tau = logsumexp(z / tau)`` and the tail
+log-mass (logsumexp over the tokens outside the top-k), fp32. Logits are stored shifted by their
+position's maximum (softmax is shift-invariant; logZ carries the same shift), so the top token is
+exactly 0 and fp16 keeps ~5e-4 relative precision where the mass is. The whole row is rounded to
+fp16 before logZ, tail and samples are computed from it: head, tail and samples describe ONE
+distribution (the teacher with fp16-rounded logits; at k = V the head sums to 1, and a sampled
+logit with logZ gives that token's cached probability exactly). Teacher logits wider than the
+tokenizer are sliced to ``vocab_size`` first. k >= vocab_size stores the whole distribution
+(k = vocab_size, no samples).
 
 Temperature: the top-k set is the same at every tau (softmax(z / tau) is monotone in z), so one
 set of raw logits serves all temperatures; ``sparse_kd_loss`` tempers them (``z / tau - logZ_tau``).
 A temperature that was not cached raises: a logZ at the wrong tau would be a silent error.
 
-Tail: the V - k other tokens form one bucket of mass ``1 - sum(top-k)`` (see
-:mod:`kd_utils.losses`): the loss matches the student's total tail mass but not its shape inside
-the tail, and is a lower bound of the dense loss. k trades disk, memory and gather cost (4k bytes
-per position, plus 4 per temperature) against that gap, which is small when the teacher is peaked.
+Tail. The top-k head holds most of the teacher's mass at tau = 1 but little at higher tau
+(SmolLM2-135M, k = 16: 89% at tau 1, 28% at tau 2, 0.7% at tau 5; the manifest records the mean
+and 10th percentile of the head mass per cached tau as ``head_mass``). So the tail is
+importance-sampled (``samples`` = m > 0, default 16): per position, m tail tokens are drawn i.i.d.
+from :func:`~kd_utils.losses.tail_log_proposal` (the teacher's tail averaged over the cached
+temperatures, mixed half and half with uniform over the V - k tail tokens), and
+:func:`~kd_utils.losses.sparse_kd_loss` turns them into an estimate of the tail's contribution
+that is unbiased in value and gradient for every objective at every cached temperature. The draw
+is made ONCE, from a generator seeded by (sample_seed, example index) -- independent of batching --
+so a cache fixes one draw per position, as it does for the noise. ``samples = 0`` keeps the older
+one-bucket tail: it matches only the student's total tail mass, a lower bound of the dense loss
+that is close at tau = 1 and a different objective at tau 2 and 5. Cost per position: 4k bytes
+for the head, 4m for the samples, 8 per temperature.
 
 Noise (the teacher-noise ablation, z + N(0, sigma^2)): drawn ONCE per position at cache time, on
 the full logits, from a generator seeded by (noise_seed, example index) -- so the draw does not
@@ -30,9 +42,9 @@ depend on batching -- and top-k and logZ are taken from the noisy logits: the ca
 exact for that draw. The live teacher redraws noise every step; the cache fixes one draw per
 position, a different but equally valid ablation. Noise sigma and seed are part of the key.
 
-Layout: ``<out_root>/<key>/shard-00000.safetensors ...`` (per shard: values, ids, logz, tail, local
-per-example offsets, example indices), and ``manifest.json`` written LAST with each shard's size
-and sha256. Files are written under temporary names and renamed; a directory without a manifest
+Layout: ``<out_root>/<key>/shard-00000.safetensors ...`` (per shard: values, ids, logz, tail,
+sample_values, sample_ids, local per-example offsets, example indices), and ``manifest.json``
+written LAST with each shard's size and sha256. Files are written under temporary names and renamed; a directory without a manifest
 is incomplete. :func:`ensure_cache` opens a valid cache or rebuilds (missing, partial, corrupt,
 or built with other settings), under a file lock so parallel cells build it once.
 
@@ -62,7 +74,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .data import IGNORE, Example, collate
-from .losses import sparse_kd_loss
+from .losses import TAIL_UNIFORM, sparse_kd_loss, tail_log_proposal
 from .methods import KDSettings
 
 __all__ = [
@@ -81,10 +93,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the exact tail log-mass is stored beside logZ
+FORMAT = 3  # 2: the exact tail log-mass is stored beside logZ; 3: importance-sampled tail tokens
 MANIFEST = "manifest.json"
 _KEY_CHARS = 16
-_TENSORS = ("values", "ids", "logz", "tail", "offsets", "index")
+_ROWS = ("values", "ids", "logz", "tail", "sample_values", "sample_ids")  # per position
+_TENSORS = (*_ROWS, "offsets", "index")
 
 
 class CorruptCacheError(ValueError):
@@ -131,7 +144,8 @@ def _update_with_examples(h: "hashlib._Hash", examples: Sequence[Example]) -> No
 
 
 def cache_key(teacher_dir_or_model: str | Path | torch.nn.Module, tokenizer, examples: Sequence[Example],
-              max_length: int, k: int, noise: float = 0.0, noise_seed: int = 0) -> str:
+              max_length: int, k: int, noise: float = 0.0, noise_seed: int = 0, samples: int = 16,
+              sample_seed: int = 0) -> str:
     """Short sha256 of what determines the cached signal.
 
     The teacher is keyed by the bytes of the ``*.safetensors`` files of a saved model directory,
@@ -144,14 +158,15 @@ def cache_key(teacher_dir_or_model: str | Path | torch.nn.Module, tokenizer, exa
     _update_with_tokenizer(h, tokenizer)
     _update_with_examples(h, examples)
     h.update(json.dumps({"format": FORMAT, "max_length": int(max_length), "k": int(k), "noise": float(noise),
-                         "noise_seed": int(noise_seed)}, sort_keys=True).encode())
+                         "noise_seed": int(noise_seed), "samples": int(samples), "sample_seed": int(sample_seed),
+                         "tail_uniform": TAIL_UNIFORM}, sort_keys=True).encode())
     return h.hexdigest()[:_KEY_CHARS]
 
 
 # --------------------------------------------------------------------------- the cache on disk
 @dataclass(eq=False)
 class TeacherCache:
-    """A verified cache in memory: per-position rows (values, ids, logz) and per-example offsets.
+    """A verified cache in memory: per-position rows (values, ids, logz, tail, samples) and per-example offsets.
 
     ``index`` (sorted example indices) and ``offsets`` map example ``index[r]`` to the position
     rows ``offsets[r]:offsets[r + 1]``. ``forward_passes``: teacher batches run by the call that
@@ -164,6 +179,8 @@ class TeacherCache:
     ids: torch.Tensor = field(repr=False)  # [N, k] int16 / int32
     logz: torch.Tensor = field(repr=False)  # [N, n_temperatures] float32, shifted like values
     tail: torch.Tensor = field(repr=False)  # [N, n_temperatures] float32: logsumexp over the non-top-k tokens
+    sample_values: torch.Tensor = field(repr=False)  # [N, samples] float16: sampled tail logits, shifted like values
+    sample_ids: torch.Tensor = field(repr=False)  # [N, samples] int16 / int32
     offsets: torch.Tensor = field(repr=False)  # [n_examples + 1] int64
     index: torch.Tensor = field(repr=False)  # [n_examples] int64, strictly increasing
     forward_passes: int = 0
@@ -183,6 +200,11 @@ class TeacherCache:
     @property
     def temperatures(self) -> tuple[float, ...]:
         return tuple(self.manifest["temperatures"])
+
+    @property
+    def samples(self) -> int:
+        """Sampled tail tokens per position (0: the tail is one bucket)."""
+        return self.manifest["samples"]
 
     @property
     def noise(self) -> float:
@@ -244,17 +266,19 @@ def _id_dtype(vocab_size: int) -> torch.dtype:
     return torch.int16 if vocab_size <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def _row_seed(noise_seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{noise_seed}:{index}".encode()).digest()[:8], "little") >> 1
+def _row_seed(*parts: object) -> int:
+    """A 63-bit seed from (seed, ..., example index): one generator per example, so draws do not
+    depend on batching."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 @torch.inference_mode()
 def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab_size: int, k: int,
-                    temperatures: Sequence[float], noise: float, noise_seed: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One teacher forward over ``examples``: (values fp16, ids, logz fp32, tail fp32) at their
-    target positions; tail = logsumexp over the tokens outside the top-k, exact (never 1 - head,
-    which rounds to 0 for a confident teacher).
+                    temperatures: Sequence[float], noise: float, noise_seed: int, samples: int, sample_seed: int
+                    ) -> dict[str, torch.Tensor]:
+    """One teacher forward over ``examples``: the shard tensors of their target positions (values,
+    ids, logz, tail, sample_values, sample_ids); tail = logsumexp over the tokens outside the
+    top-k, exact (never 1 - head, which rounds to 0 for a confident teacher).
     Right padding (id 0) is masked out and after every real token, so it changes no real logit."""
     device = next(teacher.parameters()).device
     batch = collate(examples, 0)
@@ -272,15 +296,27 @@ def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab
             g = torch.Generator(device=device).manual_seed(_row_seed(noise_seed, e.index))
             draws.append(torch.randn((e.n_targets, vocab_size), generator=g, device=device))
         z = z + noise * torch.cat(draws)
-    top, ids = z.topk(k, dim=-1)
-    values = (top - top[:, :1]).half()
-    # logZ over the full vocabulary with the top-k logits AS STORED (fp16): head and tail are one
-    # consistent distribution, so at k = V the head sums to 1 and no spurious tail appears.
-    y = z.sub_(top[:, :1]).scatter_(-1, ids, values.float())  # in place: z is a private copy
+    # Every logit as it would be stored (fp16, shifted by the row's max), so logZ, tail, head and
+    # samples describe ONE distribution: at k = V the head sums to 1, and a sampled logit plus
+    # logZ is that token's exact cached probability.
+    y = z.sub_(z.amax(-1, keepdim=True))  # in place: z is a private copy
+    y.copy_(y.half())
+    top, ids = y.topk(k, dim=-1)
     logz = torch.stack([(y if t == 1.0 else y / t).logsumexp(-1) for t in temperatures], dim=-1)
     rest = y.scatter(-1, ids, float("-inf"))
     tail = torch.stack([(rest if t == 1.0 else rest / t).logsumexp(-1) for t in temperatures], dim=-1)
-    return values.cpu(), ids.to(_id_dtype(vocab_size)).cpu(), logz.cpu(), tail.cpu()
+    picked = torch.empty((len(y), samples), dtype=torch.long, device=device)
+    if samples:
+        start = 0
+        for e in examples:
+            r = slice(start, start + e.n_targets)
+            g = torch.Generator(device=device).manual_seed(_row_seed("tail-samples", sample_seed, e.index))
+            log_q = tail_log_proposal(y[r], tail[r], temperatures, vocab_size - k).scatter_(-1, ids[r], float("-inf"))
+            picked[r] = torch.multinomial(log_q.exp_(), samples, replacement=True, generator=g)
+            start = r.stop
+    id_dtype = _id_dtype(vocab_size)
+    return {"values": top.half().cpu(), "ids": ids.to(id_dtype).cpu(), "logz": logz.cpu(), "tail": tail.cpu(),
+            "sample_values": y.gather(-1, picked).half().cpu(), "sample_ids": picked.to(id_dtype).cpu()}
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -291,13 +327,15 @@ def _chunks(n: int, size: int) -> Iterator[range]:
 def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root: str | Path, key: str, k: int = 16,
                 temperatures: Sequence[float] = (1.0,), noise: float = 0.0, noise_seed: int = 0,
                 batch_size: int = 64, vocab_size: int | None = None, shard_examples: int = 8192,
-                progress: bool = True) -> Path:
+                progress: bool = True, samples: int = 16, sample_seed: int = 0) -> Path:
     """Run the teacher once over ``examples`` (in index order) and write the cache to
     ``<out_root>/<key>``, replacing whatever is there; returns that directory.
 
-    No grad, eval mode (restored after), on the teacher's device, bf16 autocast on CUDA.
-    ``vocab_size`` None = the teacher's output width. Not locked: use :func:`ensure_cache` when
-    processes may race.
+    ``samples`` (m): tail tokens drawn per position for the importance-sampled tail (0: the tail is
+    one bucket; forced to 0 when k covers the vocabulary), from a generator seeded by
+    (``sample_seed``, example index). No grad, eval mode (restored after), on the teacher's device,
+    bf16 autocast on CUDA. ``vocab_size`` None = the teacher's output width. Not locked: use
+    :func:`ensure_cache` when processes may race.
     """
     examples = sorted(examples, key=lambda e: e.index)
     if not examples:
@@ -307,35 +345,36 @@ def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root:
     temperatures = sorted({float(t) for t in temperatures})
     if not temperatures or any(not (math.isfinite(t) and t > 0) for t in temperatures):
         raise ValueError(f"temperatures must be finite numbers > 0, got {temperatures}")
-    if k < 1 or batch_size < 1 or shard_examples < 1:
-        raise ValueError(f"k, batch_size and shard_examples must be >= 1, got {k}, {batch_size}, {shard_examples}")
+    if k < 1 or batch_size < 1 or shard_examples < 1 or samples < 0:
+        raise ValueError(f"k, batch_size and shard_examples must be >= 1 and samples >= 0, got {k}, {batch_size}, "
+                         f"{shard_examples}, {samples}")
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise sigma must be a finite number >= 0, got {noise}")
     vocab_size = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     k = min(k, vocab_size)
+    samples = samples if k < vocab_size else 0
     path = Path(out_root) / key
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
     was_training = teacher.training
     teacher.eval()
-    shards, passes, n_pos = [], 0, 0
+    shards, passes, n_pos, head_mass = [], 0, 0, []
     bar = tqdm(total=len(examples), desc=f"teacher cache {key}", disable=not progress)
     try:
         for s, rows in enumerate(_chunks(len(examples), shard_examples)):
             parts = []
             for b in _chunks(len(rows), batch_size):
                 chunk = [examples[rows[i]] for i in b]
-                parts.append(_teacher_signal(teacher, chunk, vocab_size, k, temperatures, noise, noise_seed))
+                parts.append(_teacher_signal(teacher, chunk, vocab_size, k, temperatures, noise, noise_seed, samples,
+                                             sample_seed))
                 passes += 1
                 bar.update(len(chunk))
             counts = torch.tensor([examples[r].n_targets for r in rows])
-            tensors = {
-                "values": torch.cat([p[0] for p in parts]), "ids": torch.cat([p[1] for p in parts]),
-                "logz": torch.cat([p[2] for p in parts]), "tail": torch.cat([p[3] for p in parts]),
-                "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
-                "index": torch.tensor([examples[r].index for r in rows], dtype=torch.long),
-            }
+            tensors = {name: torch.cat([p[name] for p in parts]) for name in _ROWS}
+            tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            tensors["index"] = torch.tensor([examples[r].index for r in rows], dtype=torch.long)
+            head_mass.append(_head_mass(tensors["values"], tensors["logz"], temperatures))
             data = safetensors.torch.save(tensors)
             _write_atomic(path / _shard_name(s), data)
             n = int(counts.sum())
@@ -347,18 +386,29 @@ def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root:
         teacher.train(was_training)
         bar.close()
     device = next(teacher.parameters()).device
+    mass = torch.cat(head_mass).numpy()
     manifest = {
         "format": FORMAT, "key": key, "k": k, "vocab_size": vocab_size, "temperatures": temperatures,
-        "noise": float(noise), "noise_seed": int(noise_seed), "n_examples": len(examples), "n_positions": n_pos,
+        "noise": float(noise), "noise_seed": int(noise_seed), "samples": samples, "sample_seed": int(sample_seed),
+        "tail_uniform": TAIL_UNIFORM, "n_examples": len(examples), "n_positions": n_pos,
         "ids_dtype": str(_id_dtype(vocab_size)).removeprefix("torch."), "forward_passes": passes,
         "device": device.type, "autocast_bf16": device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        "head_mass": {str(t): {"mean": float(mass[:, j].mean()), "p10": float(np.percentile(mass[:, j], 10))}
+                      for j, t in enumerate(temperatures)},
         "shards": shards,
     }
     _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1).encode())
     return path
 
 
-_CACHE_FIELDS = ("format", "key", "k", "vocab_size", "temperatures", "noise", "n_examples", "n_positions", "shards")
+def _head_mass(values: torch.Tensor, logz: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
+    """[N, n_temperatures] teacher probability mass inside the cached top-k at each temperature."""
+    v = values.float()
+    return torch.stack([((v / t).logsumexp(-1) - logz[:, j]).exp() for j, t in enumerate(temperatures)], dim=-1)
+
+
+_CACHE_FIELDS = ("format", "key", "k", "vocab_size", "temperatures", "noise", "samples", "tail_uniform", "n_examples",
+                 "n_positions", "shards")
 _GENERATION_FIELDS = ("format", "key", "n_prompts", "max_new_tokens", "file", "bytes", "sha256")
 
 
@@ -404,9 +454,10 @@ def _load_shard(path: Path, entry: dict, verify: bool) -> dict[str, torch.Tensor
 def _shard_problems(t: dict[str, torch.Tensor], entry: dict, m: dict, id_dtype: torch.dtype | None) -> list[str]:
     """How a shard's tensors contradict its manifest entry (empty if they do not)."""
     (a, b), (ea, eb) = entry["positions"], entry["examples"]
-    n, n_ex, k, n_tau = b - a, eb - ea, m["k"], len(m["temperatures"])
+    n, n_ex, k, n_tau, n_smp = b - a, eb - ea, m["k"], len(m["temperatures"]), m["samples"]
     expected = {"values": (torch.float16, (n, k)), "ids": (id_dtype, (n, k)), "logz": (torch.float32, (n, n_tau)),
-                "tail": (torch.float32, (n, n_tau)),
+                "tail": (torch.float32, (n, n_tau)), "sample_values": (torch.float16, (n, n_smp)),
+                "sample_ids": (id_dtype, (n, n_smp)),
                 "offsets": (torch.int64, (n_ex + 1,)), "index": (torch.int64, (n_ex,))}
     problems = [f"{name} is {t[name].dtype} {tuple(t[name].shape)}, expected {dtype} {shape}"
                 for name, (dtype, shape) in expected.items() if (t[name].dtype, tuple(t[name].shape)) != (dtype, shape)]
@@ -415,8 +466,12 @@ def _shard_problems(t: dict[str, torch.Tensor], entry: dict, m: dict, id_dtype: 
     offsets = t["offsets"]
     if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets.diff() < 0).any()):
         problems.append("offsets do not partition its positions")
-    if n and (int(t["ids"].min()) < 0 or int(t["ids"].max()) >= m["vocab_size"]):
-        problems.append(f"token ids outside [0, {m['vocab_size']})")
+    for name in ("ids", "sample_ids"):
+        if t[name].numel() and (int(t[name].min()) < 0 or int(t[name].max()) >= m["vocab_size"]):
+            problems.append(f"{name}: token ids outside [0, {m['vocab_size']})")
+    # tail samples lie below the head: at most its smallest (k-th) logit, never NaN or +inf
+    if n_smp and n and not bool((t["sample_values"] <= t["values"][:, -1:]).all()):
+        problems.append("sample_values above the top-k (samples must be tail tokens) or NaN")
     return problems
 
 
@@ -437,6 +492,8 @@ def open_cache(path_or_root: str | Path, key: str | None = None, verify: bool = 
                          ids=torch.empty((n, m["k"]), dtype=id_dtype),
                          logz=torch.empty((n, len(m["temperatures"])), dtype=torch.float32),
                          tail=torch.empty((n, len(m["temperatures"])), dtype=torch.float32),
+                         sample_values=torch.empty((n, m["samples"]), dtype=torch.float16),
+                         sample_ids=torch.empty((n, m["samples"]), dtype=id_dtype),
                          offsets=torch.zeros(n_ex + 1, dtype=torch.long), index=torch.empty(n_ex, dtype=torch.long))
     pos = ex = 0
     for entry in m["shards"]:
@@ -448,7 +505,7 @@ def open_cache(path_or_root: str | Path, key: str | None = None, verify: bool = 
         if problems or b > n or eb > n_ex:
             raise CorruptCacheError(f"teacher cache shard {path / entry['file']} contradicts the manifest: "
                                     f"{'; '.join(problems) or 'ranges beyond the totals'}")
-        for name in ("values", "ids", "logz", "tail"):
+        for name in _ROWS:
             getattr(cache, name)[a:b] = t[name]
         cache.offsets[ea + 1: eb + 1] = t["offsets"][1:] + a
         cache.index[ea:eb] = t["index"]
@@ -472,12 +529,16 @@ def _locked(root: Path, key: str) -> Iterator[None]:
 
 
 def _mismatch(cache: TeacherCache, examples: Sequence[Example], k: int, temperatures: Sequence[float],
-              noise: float, noise_seed: int, vocab_size: int | None) -> str | None:
+              noise: float, noise_seed: int, vocab_size: int | None, samples: int, sample_seed: int) -> str | None:
     """Why an existing cache does not serve this request (None if it does)."""
     m = cache.manifest
     want_vocab = vocab_size or m["vocab_size"]
     if (m["k"], m["vocab_size"]) != (min(k, want_vocab), want_vocab):
         return f"built with k={m['k']}, vocab_size={m['vocab_size']}; asked k={k}, vocab_size={want_vocab}"
+    want_samples = samples if k < want_vocab else 0
+    if (m["samples"], m.get("sample_seed"), m["tail_uniform"]) != (want_samples, int(sample_seed), TAIL_UNIFORM):
+        return (f"built with {m['samples']} tail samples (seed {m.get('sample_seed')}, uniform share "
+                f"{m['tail_uniform']}); asked {want_samples} (seed {sample_seed}, uniform share {TAIL_UNIFORM})")
     if (m["noise"], m.get("noise_seed")) != (float(noise), int(noise_seed)):
         return f"built with noise {m['noise']} (seed {m.get('noise_seed')}); asked {noise} (seed {noise_seed})"
     lacking = [t for t in temperatures if not any(math.isclose(t, c, rel_tol=1e-9) for c in cache.temperatures)]
@@ -493,15 +554,17 @@ def _mismatch(cache: TeacherCache, examples: Sequence[Example], k: int, temperat
 def ensure_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root: str | Path, key: str,
                  k: int = 16, temperatures: Sequence[float] = (1.0,), noise: float = 0.0, noise_seed: int = 0,
                  batch_size: int = 64, vocab_size: int | None = None, shard_examples: int = 8192,
-                 progress: bool = True, verify: bool = True) -> TeacherCache:
+                 progress: bool = True, verify: bool = True, samples: int = 16, sample_seed: int = 0) -> TeacherCache:
     """Open ``<out_root>/<key>`` if it is complete, intact and serves this request; otherwise log
     why and (re)build it (a missing temperature: rebuilt with the union). Never reads bad data.
-    ``.forward_passes`` of the result counts the teacher batches run here (0 when reused)."""
+    ``samples`` / ``sample_seed``: the importance-sampled tail (:func:`build_cache`); pass the same
+    to :func:`cache_key`. ``.forward_passes`` of the result counts the teacher batches run here (0
+    when reused)."""
     root = Path(out_root)
     with _locked(root, key):
         try:
             cache = open_cache(root, key, verify=verify)
-            reason = _mismatch(cache, examples, k, temperatures, noise, noise_seed, vocab_size)
+            reason = _mismatch(cache, examples, k, temperatures, noise, noise_seed, vocab_size, samples, sample_seed)
             if reason is None:
                 return cache
             temperatures = sorted({*cache.temperatures, *temperatures})
@@ -513,7 +576,8 @@ def ensure_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root
             logger.warning("teacher cache %s: %s; rebuilding", root / key, reason)
         path = build_cache(teacher, examples, root, key, k=k, temperatures=temperatures, noise=noise,
                            noise_seed=noise_seed, batch_size=batch_size, vocab_size=vocab_size,
-                           shard_examples=shard_examples, progress=progress)
+                           shard_examples=shard_examples, progress=progress, samples=samples,
+                           sample_seed=sample_seed)
         cache = open_cache(path, verify=verify)
         cache.forward_passes = cache.manifest["forward_passes"]
         logger.info("teacher cache %s: built with %d teacher forward passes", path, cache.forward_passes)
@@ -541,22 +605,28 @@ class CachedTeacher:
                              f"the settings ask sigma={s.noise}: build a cache for that noise")
         return self.cache.temperature_column(s.temperature)
 
-    def signal(self, batch: dict[str, torch.Tensor], mask: torch.Tensor, column: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values [N, k], ids [N, k], logz [N], tail [N]) of the mask's True positions, row-major order."""
+    def signal(self, batch: dict[str, torch.Tensor], mask: torch.Tensor, column: int) -> dict[str, torch.Tensor]:
+        """The teacher arguments of :func:`~kd_utils.losses.sparse_kd_loss` for the mask's True
+        positions (row-major order) at the temperature of ``column``: top-k logits and ids, logZ,
+        and the tail: sampled tokens with their log proposal probability, or (no samples) the
+        exact tail log-mass of the one-bucket form."""
         rows = self.cache.positions(batch["index"], mask.sum(1))
-        device = mask.device
-        return (self.cache.values[rows].to(device), self.cache.ids[rows].to(device),
-                self.cache.logz[rows, column].to(device), self.cache.tail[rows, column].to(device))
+        device, c = mask.device, self.cache
+        out = {"topk_logits": c.values[rows].to(device), "topk_ids": c.ids[rows].to(device),
+               "teacher_logz": c.logz[rows, column].to(device)}
+        if not c.samples:
+            return {**out, "teacher_tail_logz": c.tail[rows, column].to(device)}
+        values = c.sample_values[rows].to(device)
+        log_q = tail_log_proposal(values, c.tail[rows].to(device), c.temperatures, c.vocab_size - c.k,
+                                  c.manifest["tail_uniform"])
+        return {**out, "sample_logits": values, "sample_ids": c.sample_ids[rows].to(device), "sample_log_q": log_q}
 
     def kd_sum(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor,
                s: KDSettings) -> torch.Tensor:
         """Summed KD loss over the mask's positions (student_logits [B, T-1, V], mask [B, T-1])."""
         column = self.check(s)
-        values, ids, logz, tail = self.signal(batch, mask, column)
-        return sparse_kd_loss(student_logits[mask], values, ids, logz, objective=s.objective,
-                              temperature=s.temperature, beta=s.beta, alpha=s.alpha, reduction="sum",
-                              teacher_tail_logz=tail)
+        return sparse_kd_loss(student_logits[mask], **self.signal(batch, mask, column), objective=s.objective,
+                              temperature=s.temperature, beta=s.beta, alpha=s.alpha, reduction="sum")
 
 
 class OnPolicyTeacher:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -11,12 +12,13 @@ import random
 from types import SimpleNamespace
 
 import pytest
+import safetensors.torch
 import torch
 
 from kd_utils import evaluation
 from kd_utils import teacher_cache as TC
 from kd_utils.data import IGNORE, collate, epoch_batches
-from kd_utils.losses import OBJECTIVES
+from kd_utils.losses import OBJECTIVES, sparse_kd_loss, tail_log_proposal
 from kd_utils.methods import KDSettings, LiveTeacher, kd_objective
 from kd_utils.models import build_micro_model
 from kd_utils.tasks import build_prompt, format_response
@@ -34,15 +36,23 @@ def setup(micro):
 
 
 def _build(s, out, k, temperatures=TEMPS, **kw):
-    key = TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, k, kw.get("noise", 0.0), kw.get("noise_seed", 0))
+    key = TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, k, kw.get("noise", 0.0), kw.get("noise_seed", 0),
+                       samples=kw.get("samples", 16), sample_seed=kw.get("sample_seed", 0))
     return TC.ensure_cache(s.teacher, s.examples, out, key, k=k, temperatures=temperatures, batch_size=32,
                            shard_examples=50, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def caches(setup, tmp_path_factory):
+    """One-bucket tails (samples=0) at several k, and the whole vocabulary."""
     out = tmp_path_factory.mktemp("caches")
-    return {k: _build(setup, out, k) for k in (4, 16, 64, setup.vocab)}
+    return {k: _build(setup, out, k, samples=0) for k in (4, 16, 64, setup.vocab)}
+
+
+@pytest.fixture(scope="module")
+def sampled(setup, tmp_path_factory):
+    """The default cache: k = 16 and 16 importance-sampled tail tokens per position."""
+    return _build(setup, tmp_path_factory.mktemp("sampled"), 16)
 
 
 def _batch(s, n=24, seed=0, examples=None):
@@ -86,6 +96,8 @@ def test_key_changes_with_every_ingredient(setup, tmp_path):
         "k": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 17),
         "noise": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.5),
         "noise seed": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.5, 1),
+        "tail samples": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, samples=8),
+        "sample seed": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, sample_seed=1),
     }
     assert len(set(variants.values()) | {base}) == len(variants) + 1, variants
     # a module in memory: keyed by its tensors, any weight change -> a new key
@@ -97,22 +109,24 @@ def test_key_changes_with_every_ingredient(setup, tmp_path):
 
 
 # --------------------------------------------------------------------------- build / open
-def test_build_then_open_round_trips(setup, caches):
-    s, cache = setup, caches[16]
+def test_build_then_open_round_trips(setup, sampled):
+    s, cache = setup, sampled
     m = cache.manifest
     n_pos = sum(len(e.response_ids) for e in s.examples)
-    assert (m["k"], m["vocab_size"], m["temperatures"], m["n_examples"], m["n_positions"]) == \
-        (16, s.vocab, [1.0, 2.0], len(s.examples), n_pos)
+    assert (m["k"], m["vocab_size"], m["temperatures"], m["n_examples"], m["n_positions"], m["samples"]) == \
+        (16, s.vocab, [1.0, 2.0], len(s.examples), n_pos, 16)
     assert len(m["shards"]) == math.ceil(len(s.examples) / 50)
     assert m["forward_passes"] == sum(math.ceil((b - a) / 32) for a, b in (sh["examples"] for sh in m["shards"]))
     assert cache.forward_passes == m["forward_passes"]  # this call built it
     assert (cache.values.dtype, cache.ids.dtype, cache.logz.dtype) == (torch.float16, torch.int16, torch.float32)
     assert cache.index.tolist() == [e.index for e in s.examples]
     assert not [p for p in cache.path.iterdir() if ".tmp-" in p.name]
-    assert cache.nbytes / n_pos < 100
+    assert (cache.sample_values.dtype, cache.sample_ids.dtype, cache.sample_values.shape) == \
+        (torch.float16, torch.int16, (n_pos, 16))
+    assert cache.nbytes / n_pos < 4 * 16 + 4 * 16 + 8 * 2 + 4  # head, samples, logz + tail per tau, offsets
 
     again = TC.open_cache(cache.path)
-    for name in ("values", "ids", "logz", "tail", "offsets", "index"):
+    for name in ("values", "ids", "logz", "tail", "sample_values", "sample_ids", "offsets", "index"):
         assert torch.equal(getattr(again, name), getattr(cache, name))
     assert again.forward_passes == 0
     reused = _build(s, cache.path.parent, 16)
@@ -135,6 +149,17 @@ def test_build_then_open_round_trips(setup, caches):
         # the exact tail log-mass (tokens outside the top-k), shifted like logZ
         torch.testing.assert_close(cache.tail[rows, j], (rest / tau).logsumexp(-1) - top[:, 0] / tau,
                                    atol=2e-3, rtol=1e-4)
+    # the samples are tail tokens with their (shifted) logits
+    smp = cache.sample_ids[rows].long()
+    assert not (smp[:, :, None] == cache.ids[rows].long()[:, None, :]).any()
+    torch.testing.assert_close(cache.sample_values[rows].float(), z.gather(-1, smp) - top[:, :1], atol=5e-3, rtol=1e-3)
+    # head mass statistics per temperature
+    for j, tau in enumerate(TEMPS):
+        mass = ((cache.values.float() / tau).logsumexp(-1) - cache.logz[:, j]).exp()
+        stats = m["head_mass"][str(tau)]
+        assert stats["mean"] == pytest.approx(float(mass.mean()), rel=1e-5)
+        assert stats["p10"] == pytest.approx(float(mass.quantile(0.1)), rel=1e-5)
+    assert 0 < m["head_mass"]["2.0"]["p10"] < m["head_mass"]["2.0"]["mean"] < m["head_mass"]["1.0"]["mean"] < 1
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -195,6 +220,12 @@ def test_a_missing_temperature_or_other_settings_rebuild(setup, tmp_path, caplog
         third = TC.ensure_cache(setup.teacher, setup.examples[:-1], tmp_path, key, k=16, temperatures=TEMPS,
                                 batch_size=32, progress=False)
     assert "other examples" in caplog.text and third.manifest["n_examples"] == len(setup.examples) - 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+        fourth = TC.ensure_cache(setup.teacher, setup.examples[:-1], tmp_path, key, k=16, temperatures=TEMPS,
+                                 batch_size=32, progress=False, samples=4)
+    assert "built with 16 tail samples (seed 0, uniform share 0.5); asked 4" in caplog.text
+    assert fourth.samples == 4 and fourth.sample_ids.shape == (fourth.n_positions, 4)
 
 
 def test_large_vocabularies_store_int32_ids_and_wide_teachers_are_sliced(setup, tmp_path):
@@ -251,6 +282,116 @@ def test_topk_loss_is_a_close_lower_bound(setup, caches, student_logits):
             assert sparse[2] <= dense * (1 + 1e-5)
     # fkl's gap is sum P_T(tail) KL(tail conditionals): small for a peaked teacher (tail mass ~2% at k=16)
     assert abs(errors["fkl", 1.0][1]) < 0.01
+
+
+def test_one_bucket_cache_is_the_old_bucket_loss(setup, caches, student_logits):
+    """samples = 0: kd_sum is sparse_kd_loss on the head plus one bucket with the exact tail mass."""
+    logits, b, mask = student_logits
+    c = caches[16]
+    assert c.samples == 0 and c.sample_values.shape == (c.n_positions, 0)
+    rows = c.positions(b["index"], mask.sum(1))
+    for objective in sorted(OBJECTIVES):
+        s = KDSettings(objective, temperature=2.0)
+        old = sparse_kd_loss(logits[mask], c.values[rows], c.ids[rows], c.logz[rows, 1], objective=objective,
+                             temperature=2.0, reduction="sum", teacher_tail_logz=c.tail[rows, 1])
+        assert torch.equal(TC.CachedTeacher(c, setup.vocab).kd_sum(logits, b, mask, s), old)
+
+
+def test_sampled_tail_weights_match_the_draw(setup, sampled):
+    """The weights the loss uses are the probabilities the samples were drawn with: over all
+    positions' samples, mean 1/q = V - k (E_q[1/q] = tail size) and, per temperature, mean p/q =
+    the mean tail mass (E_q[p/q] = sum of p over the tail)."""
+    c = sampled
+    log_q = tail_log_proposal(c.sample_values, c.tail, c.temperatures, c.vocab_size - c.k)
+    assert float((-log_q).exp().mean()) == pytest.approx(c.vocab_size - c.k, rel=0.02)
+    for j, tau in enumerate(c.temperatures):
+        p = (c.sample_values.float() / tau - c.logz[:, j: j + 1]).exp()
+        tail_mass = (c.tail[:, j] - c.logz[:, j]).exp()
+        assert float((p * (-log_q).exp()).mean()) == pytest.approx(float(tail_mass.mean()), rel=0.03)
+
+
+def test_sampled_cache_is_unbiased_against_the_live_teacher(setup, sampled, student_logits, tmp_path):
+    """Caches with independent sample seeds: their mean loss is the live full-vocabulary loss
+    within 4 standard errors (spread across seeds), for fkl, rkl and gjsd at both temperatures."""
+    logits, b, mask = student_logits
+    seeded = [sampled] + [_build(setup, tmp_path, 16, sample_seed=seed) for seed in (1, 2, 3, 4, 5)]
+    live = LiveTeacher(setup.teacher, setup.vocab)
+    print("\nsampled cache (k=16, m=16) vs live, 6 sample seeds:")
+    for objective in ("fkl", "rkl", "gjsd"):
+        for tau in TEMPS:
+            s = KDSettings(objective, temperature=tau)
+            dense = float(live.kd_sum(logits, b, mask, s))
+            got = torch.tensor([float(TC.CachedTeacher(c, setup.vocab).kd_sum(logits, b, mask, s)) for c in seeded])
+            se = float(got.std()) / math.sqrt(len(got))
+            print(f"  {objective:5s} tau={tau}: mean rel. error {(float(got.mean()) - dense) / dense:+.2e}, "
+                  f"one cache's rel. std {float(got.std()) / dense:.2e}")
+            assert abs(float(got.mean()) - dense) <= 4 * se + 1e-5 * dense
+
+
+def test_samples_do_not_depend_on_batching(setup, sampled, tmp_path):
+    """The draw is seeded per (sample_seed, example): other batchings draw the same tokens. In
+    float32 another batch shape moves a few logits by an fp16 ulp (see the noise test), which
+    perturbs that row's proposal and, rarely, a sampled token (2 of 56,736 here); a float64
+    teacher, whose forward drift does not survive rounding to float32, gives the identical draw."""
+    def build(teacher, name, batch_size, shard_examples):
+        return TC.open_cache(TC.build_cache(teacher, setup.examples, tmp_path, name, k=16, temperatures=TEMPS,
+                                            batch_size=batch_size, shard_examples=shard_examples, progress=False))
+
+    other = build(setup.teacher, "rebatched", 40, 7)
+    same = other.sample_ids == sampled.sample_ids
+    assert float(same.float().mean()) > 0.999
+    torch.testing.assert_close(other.sample_values[same], sampled.sample_values[same], atol=1e-4, rtol=2**-10)
+    exact = copy.deepcopy(setup.teacher).double()
+    a, b = build(exact, "f64-a", 32, 50), build(exact, "f64-b", 40, 7)
+    assert torch.equal(a.sample_ids, b.sample_ids) and torch.equal(a.sample_values, b.sample_values)
+    assert not torch.equal(TC.open_cache(TC.build_cache(setup.teacher, setup.examples[:20], tmp_path, "seed-1", k=16,
+                                                        temperatures=TEMPS, sample_seed=1, progress=False)).sample_ids,
+                           sampled.sample_ids[: int(sampled.offsets[20])])
+
+
+def _rewrite_shard(path, name, edit):
+    """Apply ``edit`` to shard ``name``'s tensors and re-register it in the manifest (size, sha256):
+    a shard that passes its checksum but holds wrong contents."""
+    shard = path / name
+    tensors = edit(safetensors.torch.load(shard.read_bytes()))
+    data = safetensors.torch.save(tensors)
+    shard.write_bytes(data)
+    manifest = json.loads((path / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["file"] == name)
+    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", r"holds \[.*\], expected"),
+    ("short", r"sample_values is torch.float16 \(\d+, 15\), expected"),
+    ("above the head", "sample_values above the top-k"),
+    ("nan", "sample_values above the top-k"),
+    ("id out of range", "sample_ids: token ids outside"),
+])
+def test_bad_sample_tensors_are_detected_and_rebuilt(setup, tmp_path, damage, message, caplog):
+    cache = _build(setup, tmp_path, 16)
+
+    def edit(t):
+        if damage == "missing":
+            del t["sample_ids"]
+        elif damage == "short":
+            t["sample_values"] = t["sample_values"][:, 1:].contiguous()
+        elif damage == "above the head":
+            t["sample_values"][3, 2] = 1.0  # above the top token (0 after the shift)
+        elif damage == "nan":
+            t["sample_values"][3, 2] = float("nan")
+        else:
+            t["sample_ids"][3, 2] = setup.vocab
+        return t
+
+    _rewrite_shard(cache.path, "shard-00002.safetensors", edit)
+    with pytest.raises(TC.CorruptCacheError, match=message):
+        TC.open_cache(cache.path)
+    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+        assert _build(setup, tmp_path, 16).forward_passes > 0
+    assert "shard-00002.safetensors" in caplog.text
+    assert torch.equal(TC.open_cache(cache.path).sample_ids, cache.sample_ids)
 
 
 def test_noise_is_one_fixed_draw_per_position(setup, tmp_path, caches):
@@ -324,10 +465,10 @@ def test_cuda_build_and_gather(setup, caches, student_logits, tmp_path):
 
 
 # --------------------------------------------------------------------------- training through the cache
-def test_training_a_student_through_the_cache(setup, caches):
+def test_training_a_student_through_the_cache(setup, sampled):
     s = setup
     settings = KDSettings("fkl", temperature=2.0)
-    objective = kd_objective(TC.CachedTeacher(caches[16], s.vocab), settings, s.vocab)
+    objective = kd_objective(TC.CachedTeacher(sampled, s.vocab), settings, s.vocab)
     student = build_micro_model("micro-xs", s.vocab, seed=4)
     b, _ = _batch(s, n=32, seed=1)
     loss, n = objective(student, b)
