@@ -112,6 +112,20 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _model_dir(name_or_path: str | Path) -> Path:
+    """A saved model's directory: the path itself, or for a Hub id (what ``models.load_model``
+    treats as one: not absolute, not starting with . or ~, not an existing path) its local snapshot
+    folder (named by the commit), with the weights and configs the load would fetch: the cached
+    one when HF_HUB_OFFLINE=1, else downloaded as the load would."""
+    path = Path(name_or_path).expanduser()
+    if path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.safetensors", "*.json"],
+                                  local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1"))
+
+
 def _update_with_teacher(h: "hashlib._Hash", teacher: str | Path | torch.nn.Module) -> None:
     if isinstance(teacher, torch.nn.Module):
         for name, t in sorted(teacher.state_dict().items()):
@@ -119,7 +133,7 @@ def _update_with_teacher(h: "hashlib._Hash", teacher: str | Path | torch.nn.Modu
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return
-    files = sorted(Path(teacher).glob("*.safetensors"))
+    files = sorted(_model_dir(teacher).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {teacher} to key the teacher cache on")
     for f in files:
@@ -148,8 +162,9 @@ def cache_key(teacher_dir_or_model: str | Path | torch.nn.Module, tokenizer, exa
               sample_seed: int = 0) -> str:
     """Short sha256 of what determines the cached signal.
 
-    The teacher is keyed by the bytes of the ``*.safetensors`` files of a saved model directory,
-    or by the state dict's tensors of a module (so a directory and the same model in memory get
+    The teacher is keyed by the bytes of the ``*.safetensors`` files of a saved model directory
+    or of a Hub id's snapshot (the same weights key the same either way), or by the state dict's
+    tensors of a module (so a directory and the same model in memory get
     different keys: key consistently one way). The temperatures are not part of the key: a cache
     holds a set of them (:func:`ensure_cache` rebuilds when one is missing).
     """

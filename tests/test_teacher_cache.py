@@ -108,6 +108,41 @@ def test_key_changes_with_every_ingredient(setup, tmp_path):
         TC.cache_key(tmp_path, s.tok, s.examples, s.max_length, 16)
 
 
+def test_a_hub_id_is_keyed_by_its_snapshot_files(setup, tmp_path, monkeypatch):
+    """A Hub id (the base-teacher ablation's "Qwen/Qwen2.5-7B") resolves to its cached snapshot
+    offline: a fake hub cache with refs/main -> snapshots/<commit>/model.safetensors. Same bytes as
+    the saved teacher directory -> the same key; refs/main moved to a commit with other weights
+    -> another key; an id not in the cache raises (offline, nothing to download)."""
+    import huggingface_hub
+
+    s, hub = setup, tmp_path / "hub"
+    repo = hub / "models--org--teacher"
+    commits = {"a" * 40: s.teacher_dir, "b" * 40: tmp_path / "moved"}
+    moved = copy.deepcopy(s.teacher)
+    with torch.no_grad():
+        moved.model.norm.weight[0] += 1e-3
+    moved.save_pretrained(commits["b" * 40])
+    for commit, source in commits.items():
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        for name in ("model.safetensors", "config.json"):
+            (repo / "snapshots" / commit / name).write_bytes((source / name).read_bytes())
+    (repo / "refs").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    # huggingface_hub reads HF_HUB_CACHE once, at import (as the model loader does): set it there too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+
+    def key(teacher):
+        return TC.cache_key(teacher, s.tok, s.examples, s.max_length, 16)
+
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert key("org/teacher") == key(s.teacher_dir)
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert key("org/teacher") == key(commits["b" * 40]) != key(s.teacher_dir)
+    with pytest.raises(FileNotFoundError):
+        key("org/absent")
+
+
 # --------------------------------------------------------------------------- build / open
 def test_build_then_open_round_trips(setup, sampled):
     s, cache = setup, sampled
