@@ -120,9 +120,10 @@ def open_teacher_cache(teacher, teacher_path: str, tokenizer, train_ex: list[Exa
     """The teacher's cached signal on these examples (built once, reused by every run)."""
     from .teacher_cache import cache_key, ensure_cache
 
-    key = cache_key(teacher_path, tokenizer, train_ex, training.max_length, kd.cache_k, noise, noise_seed)
+    key = cache_key(teacher_path, tokenizer, train_ex, training.max_length, kd.cache_k, noise, noise_seed,
+                    samples=kd.cache_samples)
     return ensure_cache(teacher, train_ex, cache_root, key, k=kd.cache_k, temperatures=tuple(temperatures),
-                        noise=noise, noise_seed=noise_seed, vocab_size=vocab)
+                        noise=noise, noise_seed=noise_seed, vocab_size=vocab, samples=kd.cache_samples)
 
 
 def teacher_generations(teacher, teacher_path: str, tokenizer, prompts: list[str], train_ex: list[Example],
@@ -159,9 +160,27 @@ def build_teacher_cache(teacher_path: str, training: dict, kd: dict, data_root: 
     return out
 
 
+#: A bucket cache (no tail samples) serves a temperature only when the teacher's top-k holds at
+#: least this share of its mass there on average: below it the one-bucket tail is a different
+#: objective (measured on SmolLM2: tau 2 keeps 28% in the top 16), and the run uses the live teacher.
+BUCKET_MIN_HEAD_MASS = 0.99
+
+
+def coarse_bucket(cache, temperature: float) -> str | None:
+    """Why a cache without tail samples must not serve `temperature` (None when it may)."""
+    if cache.samples:
+        return None
+    mass = cache.manifest["head_mass"][str(float(temperature))]["mean"]
+    if mass >= BUCKET_MIN_HEAD_MASS:
+        return None
+    return (f"the bucket cache (kd.cache_samples: 0) holds {100 * mass:.1f}% of the teacher's mass in its top "
+            f"{cache.k} at tau {temperature:g} on average, below {100 * BUCKET_MIN_HEAD_MASS:g}%: the live teacher "
+            "serves this run")
+
+
 def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, train_ex: list[Example], vocab: int):
     """The run's teacher signal (:func:`kd_utils.teacher_cache.teacher_for`): the cache when it is
-    on (gkd: only for its gold batches), else the live teacher."""
+    on (gkd: only for its gold batches) and serves the run's temperature, else the live teacher."""
     from .teacher_cache import teacher_for
 
     cache = None
@@ -169,6 +188,10 @@ def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, t
         cache = open_teacher_cache(teacher, job.teacher_path, tokenizer, train_ex, job.training, job.kd,
                                    job.cache_root, job.cache_temperatures or (job.temperature,), job.noise,
                                    noise_seed(job.noise, job.seed), vocab)
+        reason = coarse_bucket(cache, settings.temperature)
+        if reason:
+            print(reason)
+            cache = None
     return teacher_for(settings, lambda: LiveTeacher(teacher, vocab, noise=job.noise, seed=job.seed), cache,
                        log=print, vocab_size=vocab)
 
