@@ -1,7 +1,7 @@
 # make study   set up .venv and run the CPU micro-study (params/micro.yaml), render the report
 # make test    set up .venv and run the tests (slow end-to-end tests excluded)
 # make quick   the quick micro grid (params/micro_quick.yaml)
-# make lab     JupyterLab on notebooks/
+# make lab     JupyterLab on the repository (notebooks/ and outputs/), opened at notebooks/, with the project's kernel
 # make bench   the benchmarks (results in outputs/benchmarks/; about 30 min: bench_study.py runs the micro-study twice)
 PYTHON ?= python3
 VENV   := .venv
@@ -39,7 +39,8 @@ test-all: venv
 	$(BIN)/python -m pytest -q --timeout 1800
 
 lab: venv
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kd)" >/dev/null
+	$(BIN)/jupyter lab --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks
 
 bench: venv
 	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
