@@ -3,6 +3,9 @@
 both saved to disk like the study's models (`micro`). Built once per test session."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -73,3 +76,15 @@ def micro(world, tmp_path_factory):
     heldout = [collate(test_examples[i: i + 40], pad) for i in range(0, len(test_examples), 40)]
     return SimpleNamespace(**vars(w), teacher=teacher, teacher_dir=root / "teacher",
                            student_dir=root / "student", heldout=heldout)
+
+
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory) -> Path:
+    """The quick grid (params/micro_quick.yaml) run once per test session; its study folder.
+    Shared by the end-to-end, explore and notebook tests (each run takes minutes)."""
+    repo = Path(__file__).resolve().parents[1]
+    outputs = tmp_path_factory.getbasetemp() / "quick-outputs"
+    proc = subprocess.run([sys.executable, "-m", "kd_utils.grid", "run", str(repo / "params" / "micro_quick.yaml"),
+                           "--outputs", str(outputs)], capture_output=True, text=True, cwd=repo, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return outputs / "micro_quick"

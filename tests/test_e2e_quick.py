@@ -25,15 +25,12 @@ def grid(*args: str, outputs: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("outputs")
-    proc = grid("run", outputs=outputs)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return outputs / "micro_quick", proc
+def study(quick_study):
+    return quick_study
 
 
 def test_results_table_has_every_model_and_task(study):
-    path, _ = study
+    path = study
     results = pd.read_csv(path / "results.csv")
     assert list(results.columns) == RESULT_COLUMNS
     # 2 SFT models + 3 KD students (fkl, rkl, gkd) on the 14 micro tasks
@@ -47,7 +44,7 @@ def test_results_table_has_every_model_and_task(study):
 
 
 def test_every_prediction_is_kept(study):
-    path, _ = study
+    path = study
     evals = sorted((path / "evaluate").glob("*/predictions.jsonl"))
     assert len(evals) == 5
     lines = [json.loads(x) for x in evals[0].read_text().splitlines()]
@@ -56,7 +53,7 @@ def test_every_prediction_is_kept(study):
 
 
 def test_fidelity_table_pairs_students_with_their_teacher(study):
-    path, _ = study
+    path = study
     fid = pd.read_csv(path / "fidelity.csv")
     assert set(fid["teacher"]) == {"micro-s"}
     assert fid["model"].nunique() == 4  # 3 KD students + the SFT student vs the teacher
@@ -64,7 +61,7 @@ def test_fidelity_table_pairs_students_with_their_teacher(study):
 
 
 def test_report_has_its_sections_and_figures(study):
-    path, _ = study
+    path = study
     html = (path / "report.html").read_text()
     for title in ("Accuracy and fidelity", "Ablations", "Statistics: which factors make KD work"):
         assert title in html
@@ -74,7 +71,7 @@ def test_report_has_its_sections_and_figures(study):
 
 
 def test_the_teacher_cache_served_the_off_policy_runs(study):
-    path, _ = study
+    path = study
     runs = [json.loads(m.read_text()) for m in (path / "distill").glob("*/metrics.json")]
     kd = {r["method"]: r for r in runs if r["method"] != "sft"}
     assert kd["fkl"]["teacher_signal"] == "CachedTeacher" and kd["rkl"]["teacher_signal"] == "CachedTeacher"
@@ -85,7 +82,7 @@ def test_the_teacher_cache_served_the_off_policy_runs(study):
 
 
 def test_a_rerun_does_nothing(study):
-    path, _ = study
+    path = study
     proc = grid("plan", outputs=path.parent)
     assert proc.returncode == 0
     assert " todo " not in proc.stdout and "done" in proc.stdout

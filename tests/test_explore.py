@@ -2,8 +2,6 @@
 hand-made predictions, and its one-sentence messages before a study or a cell has run."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,18 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 KD = "kd/micro-xs<-micro-s/fkl/t2/n0/sft/s0"
 
 
-def quick_study(tmp_path_factory) -> Path:
-    """The quick grid's study folder, run once per test session (a later call resumes: nothing left to run)."""
-    outputs = tmp_path_factory.getbasetemp() / "quick-outputs"
-    proc = subprocess.run([sys.executable, "-m", "kd_utils.grid", "run", str(REPO / "params" / "micro_quick.yaml"),
-                           "--outputs", str(outputs)], capture_output=True, text=True, cwd=REPO, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return outputs / "micro_quick"
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return open_study(quick_study(tmp_path_factory))
+def study(quick_study):
+    return open_study(quick_study)
 
 
 def test_the_plan_lists_every_cell_with_its_status(study):

@@ -13,7 +13,6 @@ import papermill
 import pytest
 from traitlets.config import Config
 
-from test_explore import quick_study
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -32,8 +31,8 @@ def execute(notebook: Path, out: Path, **parameters) -> dict:
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> Path:
-    return quick_study(tmp_path_factory)
+def quick(quick_study) -> Path:
+    return quick_study
 
 
 def test_every_notebook_declares_its_parameters():
