@@ -288,10 +288,11 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
             f"{len(skipped)} read by too few runs to repay a build over {build_examples} examples run live "
             f"({', '.join(f'{t}/{k}/noise {n:g}' for t, k, n, _ in skipped)}; kd.teacher_cache: always caches them)")
 
-    if cfg.kd.cache_samples == 0 and any(use_cache.values()):
-        g.notes.append("teacher cache: kd.cache_samples is 0 (one tail bucket): a cached run at a temperature where the "
-                       "teacher's top-k holds less than 99% of its mass on average uses the live teacher instead "
-                       "(decided per run from the cache's measured head mass)")
+    if any(use_cache.values()):
+        from .distill import CACHE_MAX_LOSS_ERROR, CACHE_MIN_GRAD_COSINE
+        g.notes.append(f"teacher cache: each cached run first compares the cache with the live teacher on one batch and "
+                       f"uses the live teacher unless the loss is within {100 * CACHE_MAX_LOSS_ERROR:g}% and the "
+                       f"gradient cosine >= {CACHE_MIN_GRAD_COSINE} (metrics.json: cache_probe)")
     caches: dict[tuple, Cell] = {}
 
     def cache_cell(teacher: str, kind: str, noise: float, seed: int) -> Cell:

@@ -1,20 +1,50 @@
-"""One training run's decisions (kd_utils.distill): which teacher signal a cached run may use."""
+"""One training run's decisions (kd_utils.distill): a cached teacher signal serves a run only when
+it reproduces the live teacher on a probe batch of that run's student and data."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+import pytest
+import torch
 
-from kd_utils.distill import BUCKET_MIN_HEAD_MASS, coarse_bucket
-
-
-def _cache(samples: int, mass: float):
-    return SimpleNamespace(samples=samples, k=16, manifest={"head_mass": {"2.0": {"mean": mass, "p10": mass / 2}}})
-
-
-def test_a_bucket_cache_serves_only_temperatures_where_the_top_k_holds_the_mass():
-    assert coarse_bucket(_cache(0, BUCKET_MIN_HEAD_MASS), 2.0) is None
-    reason = coarse_bucket(_cache(0, 0.28), 2.0)
-    assert "28.0% of the teacher's mass in its top 16 at tau 2" in reason and "live teacher" in reason
+from kd_utils.data import collate
+from kd_utils.distill import CACHE_MAX_LOSS_ERROR, CACHE_MIN_GRAD_COSINE, probe_cache
+from kd_utils.methods import KDSettings, LiveTeacher
+from kd_utils.models import build_micro_model
+from kd_utils.teacher_cache import CachedTeacher, build_cache, open_cache
 
 
-def test_a_sampled_tail_cache_serves_every_temperature():
-    assert coarse_bucket(_cache(16, 0.007), 2.0) is None
+@pytest.fixture(scope="module")
+def setup(micro, tmp_path_factory):
+    examples = micro.examples[:24]
+    student = build_micro_model("micro-xs", micro.vocab, seed=3, eos_token_id=micro.eos, pad_token_id=micro.pad)
+    root = tmp_path_factory.mktemp("probe-cache")
+    caches = {name: open_cache(build_cache(micro.teacher, examples, root, name, k=k, temperatures=(1.0, 5.0),
+                                           samples=m, progress=False))
+              for name, k, m in (("exact", micro.vocab, 0), ("coarse", 2, 0))}
+    return micro, student, collate(examples[:8], micro.pad), caches
+
+
+def _probe(setup, cache: str, objective: str, tau: float) -> dict:
+    micro, student, batch, caches = setup
+    settings = KDSettings(method=objective, temperature=tau)
+    return probe_cache(CachedTeacher(caches[cache], micro.vocab), LiveTeacher(micro.teacher, micro.vocab),
+                       student, batch, settings, micro.vocab)
+
+
+@pytest.mark.parametrize("objective", ["fkl", "rkl", "gjsd"])
+def test_a_cache_holding_the_whole_vocabulary_reproduces_the_live_teacher(setup, objective):
+    probe = _probe(setup, "exact", objective, 5.0)
+    assert abs(probe["loss_error"]) < 1e-3 and probe["grad_cosine"] > 0.999
+
+
+def test_a_two_token_bucket_at_tau_5_is_refused_by_the_probe(setup):
+    probe = _probe(setup, "coarse", "rkl", 5.0)
+    assert abs(probe["loss_error"]) > CACHE_MAX_LOSS_ERROR or probe["grad_cosine"] < CACHE_MIN_GRAD_COSINE
+
+
+def test_the_probe_leaves_the_student_and_its_mode_as_they_were(setup):
+    _, student, _, _ = setup
+    student.train()
+    before = [p.detach().clone() for p in student.parameters()]
+    _probe(setup, "coarse", "fkl", 1.0)
+    assert student.training and all(p.grad is None for p in student.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))

