@@ -45,7 +45,7 @@ PARAMS = {
                  "lr": 1e-4, "warmup_steps": 1, "eval_every": 2, "max_length": 64,
                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
     "kd": {"methods": ["fkl", "rkl", "gkd", "seqkd"], "temperatures": [2.0], "teacher_cache": True,
-           "cache_k": 64, "cache_samples": 16},
+           "cache_k": 256, "cache_samples": 16},
     "ablations": [{"name": "base_teacher", "methods": ["fkl"], "teacher_kinds": ["base"]},
                   {"name": "tau1", "methods": ["fkl"], "temperatures": [1.0]}],
     "evaluation": {"tasks": ["gsm8k", "boolq", "hellaswag"], "limit": 2, "batch_size": 2,
@@ -96,16 +96,17 @@ def test_every_method_ran_with_the_signal_the_plan_and_the_cache_probe_chose(stu
     path, stdout = study
     kd = {(r["method"], r["teacher_kind"], r["temperature"]): r for r in _runs(path) if r["method"] != "sft"}
     assert set(kd) == {("fkl", "sft", 2.0), ("rkl", "sft", 2.0), ("gkd", "sft", 2.0), ("seqkd", "sft", 1.0),
-                       ("fkl", "base", 1.0), ("fkl", "sft", 1.0)}
+                       ("fkl", "base", 2.0), ("fkl", "sft", 1.0)}
     assert "1 read by too few runs" in stdout and "cache_probe" in stdout
     # the base teacher's signal is read by one run: live, never cached nor probed
-    assert kd[("fkl", "base", 1.0)]["teacher_signal"] == "LiveTeacher" and kd[("fkl", "base", 1.0)]["cache_probe"] is None
+    base = kd[("fkl", "base", 2.0)]
+    assert base["teacher_signal"] == "LiveTeacher" and base["cache_probe"] is None
     # the SFT teacher's signal is cached; each run uses it only where its probe matched the live teacher
     for key in [("fkl", "sft", 2.0), ("rkl", "sft", 2.0), ("gkd", "sft", 2.0), ("fkl", "sft", 1.0)]:
         probe, signal = kd[key]["cache_probe"], kd[key]["teacher_signal"]
         cached = "OnPolicyTeacher" if key[0] == "gkd" else "CachedTeacher"
         assert signal == (cached if probe["served"] else "LiveTeacher"), (key, probe)
-    assert kd[("fkl", "sft", 1.0)]["cache_probe"]["served"]  # k = 64 + 16 samples match fkl at tau 1
+    assert kd[("fkl", "sft", 1.0)]["cache_probe"]["served"]  # the top 256 + 16 samples match fkl at tau 1
     assert kd[("seqkd", "sft", 1.0)]["teacher_signal"] is None
     assert all(r["effective_temperature"] == r["temperature"] for (m, _, _), r in kd.items() if m != "seqkd")
     for r in kd.values():
@@ -126,7 +127,7 @@ def test_the_cache_is_unbiased_at_tau_2_and_records_the_teachers_head_mass(study
     manifests = [m for m in manifests if "k" in m]  # not SeqKD's generations store
     assert len(manifests) == 1
     m = manifests[0]
-    assert m["k"] == 64 and m["samples"] == 16 and m["vocab_size"] == 49152 and m["temperatures"] == [1.0, 2.0]
+    assert m["k"] == 256 and m["samples"] == 16 and m["vocab_size"] == 49152 and m["temperatures"] == [1.0, 2.0]
     low, high = m["head_mass"]["2.0"], m["head_mass"]["1.0"]
     assert 0 < low["p10"] <= low["mean"] < high["mean"] < 1  # the top k holds less at the higher temperature
 
