@@ -7,7 +7,9 @@ Modules, one job each:
   tokenization  the locally trained byte-level BPE tokenizer
   prepare       the micro world on disk and the pretrained base models
   models        model families, loading from paths or the hub, compatibility checks, LoRA
-  data          tokenised examples, packing, batches
+  model_sources real models from files: GGUF conversion, depth-pruned students, parameter counts
+  data          tokenised examples (long pairs cut or skipped), packing, batches
+  contamination train/test overlap of the training data and every evaluation task
   losses        the KD objectives (one registry of names)
   training      the training loop (optimiser, accumulation, validation, best checkpoint)
   methods       the recipes: SFT, word-level KD, SeqKD, on-policy GKD
@@ -24,5 +26,14 @@ Modules, one job each:
   runner        cell execution: papermill, resume, failure isolation, executors
   grid          params -> cells, and the `plan` / `run` / `report` CLI
   report        the rendered HTML report
+  explore       a finished study from a notebook: `kd_utils.open_study("micro")`
 """
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`kd_utils.open_study` without importing the study machinery (torch, the grid) with the package."""
+    if name == "open_study":
+        from .explore import open_study
+        return open_study
+    raise AttributeError(f"module 'kd_utils' has no attribute {name!r}")
