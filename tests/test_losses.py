@@ -538,40 +538,71 @@ def test_tail_proposal_is_a_distribution_over_the_tail_with_bounded_weights():
         tail_log_proposal(t, tail, temps, V - k, uniform=0.0)
 
 
+def _sampled_variance(s, t, ids, log_q, objective, tau, control=True):
+    """Exact per-position variance of the one-sample tail estimate (float64 dense reference):
+    sum r^2 / q - (sum r)^2 over the tail, r = phi(p_v, s_v) - phi(pbar, s_v) with pbar the
+    teacher's tail mass / (V - k) (control=False: r = phi)."""
+    t_lp, s_lp = torch.log_softmax(t / tau, -1), torch.log_softmax(s / tau, -1)
+    fn = OBJECTIVES[objective]
+    r = fn(t_lp, s_lp, beta=0.3, alpha=0.2)
+    if control:
+        pbar = t_lp.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True) - math.log(t.shape[-1] - ids.shape[-1])
+        r = r - fn(pbar.expand_as(s_lp), s_lp, beta=0.3, alpha=0.2)
+    r = r.scatter(-1, ids, 0.0) * tau**2
+    return torch.where(log_q.isfinite(), r**2 * (-log_q).exp(), 0.0).sum(-1) - r.sum(-1) ** 2
+
+
 @pytest.mark.parametrize("objective", NAMES)
 @pytest.mark.parametrize("tau", [1.0, 2.0, 5.0])
 def test_sampled_tail_is_unbiased_in_value_and_gradient(objective, tau):
     """R independent m-sample estimates averaged = one estimate from R * m draws (the mean over
     samples is the mean of the R means). Value: within 5 exact standard errors of kd_loss
-    (Var = sum phi^2 / q - (sum phi)^2 per position); gradient: within 6 standard errors per
-    coordinate (from R independent estimates). The bucket form misses by far more."""
+    (Var = sum r^2 / q - (sum r)^2 per position, r = phi minus the control variate); gradient:
+    within 6 standard errors per coordinate (from R independent estimates). The bucket form
+    misses by far more."""
     s, t, mask = _inputs(seed=22, scale=2.0, dtype=torch.float64)
     k, temps, m, reps = 3, (1.0, 2.0, 5.0), 4, 4000
     kw = dict(objective=objective, temperature=tau, beta=0.3, alpha=0.2, reduction="none")
     ids, tail, log_q, smp = _tail_samples(t, k, temps, m * reps)
-    lz = (t / tau).logsumexp(-1)
+    lz, t_tail = (t / tau).logsumexp(-1), (t.scatter(-1, ids, -math.inf) / tau).logsumexp(-1)
     z = t.gather(-1, ids)
-    est = sparse_kd_loss(s, z, ids, lz, mask, **kw, **smp)
+    est = sparse_kd_loss(s, z, ids, lz, mask, **kw, **smp, teacher_tail_logz=t_tail)
     dense = kd_loss(s, t, mask, **kw)
-    t_lp, s_lp = torch.log_softmax(t / tau, -1), torch.log_softmax(s / tau, -1)
-    phi = OBJECTIVES[objective](t_lp, s_lp, beta=0.3, alpha=0.2).scatter(-1, ids, 0.0) * tau**2
-    var1 = torch.where(log_q.isfinite(), phi**2 * (-log_q).exp(), 0.0).sum(-1) - phi.sum(-1) ** 2
-    se = (var1 / (m * reps)).sqrt() * mask
+    se = (_sampled_variance(s, t, ids, log_q, objective, tau) / (m * reps)).sqrt() * mask
     assert torch.all((est - dense).abs() <= 5 * se + 1e-12)
-    bucket = sparse_kd_loss(s, z, ids, lz, mask, **kw, teacher_tail_logz=(t.scatter(-1, ids, -math.inf) / tau).logsumexp(-1))
+    bucket = sparse_kd_loss(s, z, ids, lz, mask, **kw, teacher_tail_logz=t_tail)
     assert ((bucket - dense).abs() > 5 * se + 1e-12).any()  # the same criterion rejects the bucket
 
     grads = []
     for r in range(40):  # 40 independent estimates of m * 100 samples each
         part = {name: x[..., r * m * 100: (r + 1) * m * 100] for name, x in smp.items()}
         x = s.clone().requires_grad_()
-        sparse_kd_loss(x, z, ids, lz, mask, **{**kw, "reduction": "sum"}, **part).backward()
+        sparse_kd_loss(x, z, ids, lz, mask, **{**kw, "reduction": "sum"}, **part, teacher_tail_logz=t_tail).backward()
         grads.append(x.grad)
     grads = torch.stack(grads)
     x = s.clone().requires_grad_()
     kd_loss(x, t, mask, **{**kw, "reduction": "sum"}).backward()
     g_se = grads.std(0) / math.sqrt(len(grads))
     assert torch.all((grads.mean(0) - x.grad).abs() <= 6 * g_se + 1e-12)
+
+
+def test_the_control_variate_carries_a_student_heavy_tail():
+    """A student with tail mass where the teacher has almost none (gjsd's tail terms then follow
+    the student, which the teacher-based proposal rarely draws): the estimate's spread across
+    independent draws is a fraction of the plain importance-sampling estimate's exact std, and
+    matches the control-variate variance."""
+    s, t, _ = _inputs(seed=25, scale=3.0, dtype=torch.float64)
+    k, m, reps, tau = 3, 4, 400, 1.0
+    ids, tail, log_q, smp = _tail_samples(t, k, (tau,), m * reps)
+    z, lz, t_tail = t.gather(-1, ids), (t / tau).logsumexp(-1), tail[..., 0]
+    draws = torch.stack([sparse_kd_loss(s, z, ids, lz, objective="gjsd", beta=0.3, reduction="none",
+                                        teacher_tail_logz=t_tail,
+                                        **{name: x[..., r * m: (r + 1) * m] for name, x in smp.items()})
+                         for r in range(reps)])
+    plain = (_sampled_variance(s, t, ids, log_q, "gjsd", tau, control=False) / m).sqrt()
+    with_cv = (_sampled_variance(s, t, ids, log_q, "gjsd", tau) / m).sqrt()
+    assert float(draws.std(0).sum()) < 0.5 * float(plain.sum())
+    torch.testing.assert_close(draws.std(0), with_cv, rtol=0.2, atol=0)
 
 
 @pytest.mark.parametrize("objective", NAMES)
