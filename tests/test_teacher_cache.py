@@ -491,12 +491,22 @@ def test_cuda_build_and_gather(setup, caches, student_logits, tmp_path):
     noisy = TC.build_cache(teacher, setup.examples[:5], tmp_path, "cuda-noisy", k=16, noise=0.5, progress=False)
     assert cache.manifest["device"] == "cuda" and TC.open_cache(noisy).manifest["noise"] == 0.5
     logits, b, mask = student_logits
+    gpu_batch = {k: v.cuda() for k, v in b.items()}
     settings = KDSettings("fkl", temperature=2.0)
-    on_gpu = TC.CachedTeacher(cache, setup.vocab).kd_sum(logits.cuda(), {k: v.cuda() for k, v in b.items()},
-                                                        mask.cuda(), settings)
+    on_gpu = TC.CachedTeacher(cache, setup.vocab).kd_sum(logits.cuda(), gpu_batch, mask.cuda(), settings)
     on_cpu = TC.CachedTeacher(caches[setup.vocab], setup.vocab).kd_sum(logits, b, mask, settings)
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=2e-2, atol=0)
+    # tail samples drawn on the GPU (its generator): tail tokens, and the same loss read on either device
+    sampled = TC.ensure_cache(teacher, setup.examples, tmp_path, "cuda-sampled", k=16, temperatures=TEMPS,
+                              progress=False)
+    assert sampled.samples == 16
+    assert not (sampled.sample_ids.long()[:, :, None] == sampled.ids.long()[:, None, :]).any()
+    for objective in ("fkl", "rkl", "gjsd"):
+        s = KDSettings(objective, temperature=2.0)
+        teacher_signal = TC.CachedTeacher(sampled, setup.vocab)
+        torch.testing.assert_close(teacher_signal.kd_sum(logits.cuda(), gpu_batch, mask.cuda(), s).cpu(),
+                                   teacher_signal.kd_sum(logits, b, mask, s), rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- training through the cache
