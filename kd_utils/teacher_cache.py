@@ -51,9 +51,10 @@ position, a different but equally valid ablation. Noise sigma and seed are part 
 
 Layout: ``<out_root>/<key>/shard-00000.safetensors ...`` (per shard: values, ids, logz, tail,
 sample_values, sample_ids, local per-example offsets, example indices), and ``manifest.json``
-written LAST with each shard's size and sha256. Files are written under temporary names and renamed; a directory without a manifest
-is incomplete. :func:`ensure_cache` opens a valid cache or rebuilds (missing, partial, corrupt,
-or built with other settings), under a file lock so parallel cells build it once.
+written LAST with each shard's size and sha256. Files are written under temporary names and
+renamed; a directory without a manifest is incomplete. :func:`ensure_cache` opens a valid cache
+or rebuilds (missing, partial, corrupt, or built with other settings), under a file lock so
+parallel cells build it once.
 
 On-policy GKD trains on student samples, which no cache can hold: :func:`teacher_for` gives it
 the cache on its gold (off-policy) batches and the live teacher on the batches of student samples.

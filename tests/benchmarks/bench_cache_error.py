@@ -155,7 +155,8 @@ def compare(z, s_logits, h, w, resp, signals):
             loss, loss_resp, cos = cell(s_logits, h, w, resp, fns)
             row = {"objective": objective, "tau": tau, "live": float(loss[0]), "live_response": float(loss_resp[0])}
             for i, n in enumerate(names, start=1):
-                row[n] = {"rel_error": float(loss[i] / loss[0] - 1), "rel_error_response": float(loss_resp[i] / loss_resp[0] - 1),
+                row[n] = {"rel_error": float(loss[i] / loss[0] - 1),
+                          "rel_error_response": float(loss_resp[i] / loss_resp[0] - 1),
                           **{f"cos_{p}": float(c[i]) for p, c in cos.items()}}
             rows_out.append(row)
             print(f"  {objective} tau={tau}: " + ", ".join(
@@ -186,8 +187,8 @@ def proposal_std(z, s_logits, n_rows: int = 512, chunk: int = 128):
             for o in OBJS:
                 phi = OBJECTIVES[o](t_lp, s_lp, beta=0.5, alpha=0.1)
                 dense[o, t] += float(phi.sum())
-                residual = {False: phi.scatter(-1, ids, 0.0),
-                            True: (phi - OBJECTIVES[o](flat.expand_as(s_lp), s_lp, beta=0.5, alpha=0.1)).scatter_(-1, ids, 0.0)}
+                cv = OBJECTIVES[o](flat.expand_as(s_lp), s_lp, beta=0.5, alpha=0.1)
+                residual = {False: phi.scatter(-1, ids, 0.0), True: (phi - cv).scatter_(-1, ids, 0.0)}
                 for label, _, _, control in PROPOSALS:
                     r = residual[control]
                     var[label, o, t] += float(((r**2 * weights[label]).sum(-1) - r.sum(-1) ** 2).clamp_min(0).sum())
