@@ -317,10 +317,10 @@ def test_fkl_from_the_teacher_cache_learns_and_matches_the_live_teacher(micro, r
     cached, run_dir = runs("fkl", cache=True)
     assert cached["teacher_signal"] == "CachedTeacher"
     _check_learns_the_teacher(micro, cached, run_dir, "fkl")
-    # Same first batch and weights: the top-k bucketed KL is a lower bound of the dense one, and close.
+    # Same first batch and weights: the cache (top k + sampled tail, unbiased) is within its probe's bound.
+    assert cached["cache_probe"]["served"] and abs(cached["cache_probe"]["loss_error"]) <= 0.01
     first_live, first_cached = live["history"][0]["loss"], cached["history"][0]["loss"]
-    assert first_cached <= first_live * (1 + 1e-5)
-    assert first_cached >= 0.95 * first_live
+    assert abs(first_cached / first_live - 1) <= 0.02
 
 
 def test_gkd_with_the_cache_runs_the_teacher_only_on_its_student_samples(micro, runs):
