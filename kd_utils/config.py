@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .methods import METHODS
 from .model_sources import PRUNE_RULES
+from .tasks import SCORERS
 
 
 class Strict(BaseModel):
@@ -33,6 +34,7 @@ class WorldConfig(Strict):
 
 
 PruneRule = Literal[PRUNE_RULES]  # kd_utils.model_sources.kept_layers
+Scorer = Literal[tuple(SCORERS)]  # kd_utils.tasks.SCORERS
 
 
 class PruneSpec(Strict):
@@ -194,7 +196,12 @@ class EvalConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     sample_seeds: list[int] = [0]
     max_new_tokens: dict[str, int] = {"math": 48, "commonsense": 8, "instruction": 128}
-    scorer: Literal["generate", "loglik"] = "generate"
+    scorer: Scorer = Field("generate", description=(
+        "the accuracy of results.csv and of the statistics: generate (the paper's), loglik, loglik_norm "
+        "(lm-evaluation-harness acc / acc_norm) or loglik_label (kd_utils.tasks.SCORERS)"))
+    extra_scorers: list[Scorer] = Field(default_factory=list, description=(
+        "further views of every model, in results.csv as accuracy_<scorer> (the log-likelihood ones on the "
+        "tasks that can be scored so: choice tasks, with declared continuations for loglik/loglik_norm)"))
     stop_strings: list[str] = Field(default_factory=list, description=(
         "generation stops before the first of these (the authors keep the text up to the next '### Response:')"))
     data_root: str | None = None
@@ -205,6 +212,12 @@ class EvalConfig(Strict):
         if not all(v):
             raise ValueError("stop_strings must be non-empty strings")
         return v
+
+    @model_validator(mode="after")
+    def _views(self) -> "EvalConfig":
+        if self.scorer in self.extra_scorers or len(set(self.extra_scorers)) < len(self.extra_scorers):
+            raise ValueError(f"extra_scorers {self.extra_scorers} repeat a scorer (the main one is {self.scorer!r})")
+        return self
 
 
 class StatsConfig(Strict):

@@ -1,7 +1,8 @@
 """Zero-shot evaluation: batched decoding, multiple-choice log-likelihood, per-task accuracy.
 
 Prompts are `tasks.build_prompt(instruction, input)`; outputs are scored with
-`tasks.is_correct` (the LLM-Adapters extraction rules). Decoding is exactly what the
+`tasks.is_correct` (the LLM-Adapters extraction rules). Log-likelihood scoring follows
+lm-evaluation-harness on the requests `tasks.loglik_requests` builds (`loglik_choice`). Decoding is exactly what the
 arguments say: sampling knobs, top-k and repetition penalty are passed explicitly, so a
 checkpoint's own generation defaults (e.g. top_k=20, repetition_penalty=1.05) never leak in.
 Note: LLM-Adapters decoded with num_beams=4 (do_sample unset, so beam search); the default
@@ -20,12 +21,11 @@ import torch
 from statsmodels.stats.proportion import proportion_confint
 from tqdm import tqdm
 
-from kd_utils.tasks import (MAX_NEW_TOKENS, Task, build_prompt, extract_answer, format_answer,
-                            is_correct, item_options, load_items, resolve_tasks)
+from kd_utils.tasks import (MAX_NEW_TOKENS, SCORERS, LoglikRequest, Task, build_prompt, extract_answer,
+                            format_answer, is_correct, item_options, load_items, loglik_requests, resolve_tasks)
 
-SCORERS = ("generate", "loglik", "loglik_norm")
 PREDICTION_FIELDS = ("task", "item_id", "prompt_hash", "output", "extracted", "label", "correct")
-RESULT_COLUMNS = ("task", "domain", "scorer", "n", "correct", "accuracy", "ci_low", "ci_high")
+RESULT_COLUMNS = ("task", "domain", "scorer", "n", "correct", "accuracy", "ci_low", "ci_high", "truncated")
 
 
 def prompt_hash(prompt: str) -> str:
@@ -154,70 +154,126 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     return ctx, whole[len(ctx):]
 
 
-def loglik_choice(model, tokenizer, prompts: Sequence[str], choices_per_prompt: Sequence[Sequence[str]],
-                  batch_size: int = 32, progress: bool = True, desc: str = "loglik") -> list[dict]:
-    """Multiple-choice scoring as lm-evaluation-harness defines acc and acc_norm.
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    return next((k for k in range(n) if any(s[k] != seqs[0][k] for s in seqs)), n)
 
-    For each prompt (the context) and each of its choices (the continuation, scored as given):
-    logliks[j] = sum of the continuation tokens' log-probabilities, is_greedy[j] = every such token
-    is the argmax, num_bytes[j] = UTF-8 length of the continuation; pred = argmax loglik (acc),
-    pred_norm = argmax loglik / num_bytes (acc_norm).
+
+def _prefix_groups(pairs: Sequence[tuple[int, list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+    """(prefix ids, request indices): the requests of an item share the longest common prefix of
+    their inputs (context + continuation but its last token), which may reach into the
+    continuations (PIQA's solutions often differ only at the end); an item whose inputs share no
+    token is split into one group per request (prefix = its context)."""
+    by_item: dict[int, list[int]] = {}
+    for k, (item, _, _) in enumerate(pairs):
+        by_item.setdefault(item, []).append(k)
+    groups = []
+    for ks in by_item.values():
+        inputs = [pairs[k][1] + pairs[k][2][:-1] for k in ks]
+        n = _common_prefix(inputs)
+        groups += [(inputs[0][:n], ks)] if n else [(pairs[k][1], [k]) for k in ks]
+    return groups
+
+
+def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]], batch_size: int = 32,
+                  progress: bool = True, desc: str = "loglik") -> list[dict]:
+    """Log-likelihoods of each item's (context, continuation) requests, as lm-evaluation-harness's
+    HFLM.loglikelihood computes them: `logliks[j]` = sum of the continuation tokens' log-probabilities
+    (same token split, see `_encode_pair`), `is_greedy[j]` = each of them is the argmax.
+
+    Faster than its one sequence per request: an item is one sequence, its requests' common prefix
+    (the context, and any common start of the options) once, then each request's remainder, which
+    attends to the prefix's keys and values and to itself only (a tree-shaped attention mask, the
+    position ids of each remainder continuing the prefix's). Items of similar length share a batch
+    (`batch_size` items per forward), and the output head runs only where a continuation token is
+    predicted. A request longer than the model's window (max_position_embeddings) + 1 loses context
+    tokens from the left as in lm-eval (which drops a leading BOS too; ours keeps leading special
+    tokens); `truncated` flags such items. Assumes the model's logits are its output embeddings applied to its decoder's last
+    hidden states (true of the Llama, Qwen2 and Mistral families).
     """
-    if len(prompts) != len(choices_per_prompt):
-        raise ValueError(f"{len(prompts)} prompts but {len(choices_per_prompt)} choice lists")
-    pairs = []  # (prompt index, context ids, continuation ids)
-    for p, (prompt, choices) in enumerate(zip(prompts, choices_per_prompt)):
-        if not choices:
-            raise ValueError(f"prompt {p} has no choices")
-        pairs += [(p, *_encode_pair(tokenizer, prompt, c)) for c in choices]
-    pad = _pad_id(tokenizer)
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    pairs, truncated = [], [False] * len(requests)  # pairs: (item, context ids, continuation ids)
+    for i, item in enumerate(requests):
+        if not item:
+            raise ValueError(f"item {i} has no requests")
+        for context, continuation in item:
+            ctx, cont = _encode_pair(tokenizer, context, continuation)
+            if window and len(ctx) + len(cont) > window + 1:
+                if len(cont) > window:
+                    raise ValueError(f"continuation {continuation[:40]!r}... is {len(cont)} tokens, "
+                                     f"longer than the model's window of {window}")
+                ctx, truncated[i] = _fit_left(ctx, window + 1 - len(cont), tokenizer), True
+            pairs.append((i, ctx, cont))
+    groups = _prefix_groups(pairs)
+    rests = {k: (pairs[k][1] + pairs[k][2])[len(prefix):-1] for prefix, ks in groups for k in ks}
+    lengths = [len(prefix) + sum(len(rests[k]) for k in ks) for prefix, ks in groups]
+    pad, device, dtype = _pad_id(tokenizer), model.device, model.dtype
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     scores: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    bar = tqdm(total=len(pairs), desc=desc, disable=not progress)
+    bar = tqdm(total=len(requests), desc=desc, disable=not progress)
     with _eval_mode(model):
-        for batch in _length_batches([len(c) + len(t) for _, c, t in pairs], batch_size):
-            seqs = [pairs[i][1] + pairs[i][2] for i in batch]
-            width = max(len(s) for s in seqs) - 1
+        for batch in _length_batches(lengths, batch_size):
+            width = max(lengths[g] for g in batch)
+            blocked = torch.finfo(dtype).min
+            causal = torch.full((width, width), blocked, dtype=dtype).triu(1)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, s in enumerate(seqs):  # right-padded inputs: the last token is only a target
-                ids[row, :len(s) - 1] = torch.tensor(s[:-1])
-                mask[row, :len(s) - 1] = 1
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for row, i in enumerate(batch):
-                _, ctx, cont = pairs[i]
-                span = logprobs[row, len(ctx) - 1:len(ctx) - 1 + len(cont)]
-                target = torch.tensor(cont)
-                scores[i] = (span.gather(1, target[:, None]).sum().item(),
-                             bool((span.argmax(-1) == target).all()))
+            positions = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.full((len(batch), 1, width, width), blocked, dtype=dtype)
+            where: dict[int, list[int]] = {}  # request -> flat (row * width + column) of its predicting positions
+            for row, g in enumerate(batch):
+                prefix, ks = groups[g]
+                p = len(prefix)
+                ids[row, :p], positions[row, :p] = torch.tensor(prefix), torch.arange(p)
+                mask[row, 0, :p, :p] = causal[:p, :p]
+                at = p
+                for k in ks:
+                    rest, (_, ctx, cont) = rests[k], pairs[k]
+                    n = len(rest)
+                    ids[row, at:at + n] = torch.tensor(rest, dtype=torch.long)
+                    positions[row, at:at + n] = torch.arange(p, p + n)
+                    mask[row, 0, at:at + n, :p] = 0
+                    mask[row, 0, at:at + n, at:at + n] = causal[:n, :n]
+                    in_prefix = max(0, p - len(ctx) + 1)  # continuation tokens predicted inside the prefix
+                    cols = [*range(p - in_prefix, p), *range(at + n - (len(cont) - in_prefix), at + n)]
+                    where[k] = [row * width + c for c in cols]
+                    at += n
+                mask[row, 0, range(at, width), range(at, width)] = 0  # padding attends to itself
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), use_cache=False).last_hidden_state
+            flat = [c for k in where for c in where[k]]
+            picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=device)]
+            logprobs = torch.log_softmax(head(picked).float(), dim=-1)
+            targets = torch.tensor([t for k in where for t in pairs[k][2]], device=device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].cpu().tolist()
+            hits = (logprobs.argmax(-1) == targets).cpu().tolist()
+            at = 0
+            for k, cols in where.items():
+                scores[k] = (sum(chosen[at:at + len(cols)]), all(hits[at:at + len(cols)]))
+                at += len(cols)
             bar.update(len(batch))
     bar.close()
     results, k = [], 0
-    for choices in choices_per_prompt:
-        logliks = [scores[k + j][0] for j in range(len(choices))]
-        nbytes = [len(c.encode("utf-8")) for c in choices]
-        normed = [ll / b for ll, b in zip(logliks, nbytes)]
-        results.append({"logliks": logliks, "is_greedy": [scores[k + j][1] for j in range(len(choices))],
-                        "num_bytes": nbytes, "pred": max(range(len(choices)), key=logliks.__getitem__),
-                        "pred_norm": max(range(len(choices)), key=normed.__getitem__)})
-        k += len(choices)
+    for i, item in enumerate(requests):
+        results.append({"logliks": [scores[k + j][0] for j in range(len(item))],
+                        "is_greedy": [scores[k + j][1] for j in range(len(item))], "truncated": truncated[i]})
+        k += len(item)
     return results
 
 
-def _loglik_inputs(task: Task, items: list[dict], prompts: list[str]) -> tuple[list[str], list[tuple[str, ...]]]:
-    """Context = prompt + the reference response up to the label ("the correct answer is "),
-    continuation = the option token."""
+def _label_requests(task: Task, prompt: str, options: Sequence[str]) -> list[LoglikRequest]:
+    """scorer "loglik_label": context = prompt + the reference response up to the label ("the correct
+    answer is "), continuation = the option token."""
     if task.answer_kind == "number":
         raise ValueError(f"task {task.name!r} has numeric answers: score it with scorer='generate'")
     prefix = task.answer_format.split("{}")[0]
-    return [p + prefix for p in prompts], [item_options(task, it) for it in items]
+    return [LoglikRequest(prompt + prefix, o, o) for o in options]
 
 
-def _summary(task: Task, scorer: str, flags: list[bool]) -> dict:
+def _summary(task: Task, scorer: str, flags: list[bool], truncated: list[bool]) -> dict:
     n, k = len(flags), sum(flags)
     low, high = proportion_confint(k, n, alpha=0.05, method="wilson")
     return {"task": task.name, "domain": task.domain, "scorer": scorer, "n": n, "correct": k,
-            "accuracy": 100.0 * k / n, "ci_low": 100.0 * low, "ci_high": 100.0 * high}
+            "accuracy": 100.0 * k / n, "ci_low": 100.0 * low, "ci_high": 100.0 * high, "truncated": sum(truncated)}
 
 
 def _budget(max_new_tokens: int | Mapping[str, int] | None, domain: str) -> int:
@@ -235,20 +291,22 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
     """Zero-shot accuracy per task (names, groups or `Task`s), with a 95% Wilson interval.
 
     Returns one row per task: task, domain, scorer, n, correct, accuracy, ci_low, ci_high
-    (percentages 0-100). `limit` keeps each task's first items; `max_new_tokens` is an int,
-    a dict per domain, or None, which uses
-    `tasks.MAX_NEW_TOKENS[domain]`. scorer "generate" decodes and extracts the answer;
-    "loglik"/"loglik_norm" pick the option with the highest log-likelihood (acc/acc_norm).
-    With `out_dir`, writes predictions.jsonl (one line per item) and accuracy.csv.
+    (percentages 0-100) and truncated (items whose prompt or context lost tokens to fit the model's
+    window). `limit` keeps each task's first items; `max_new_tokens` is an int, a dict per domain,
+    or None, which uses `tasks.MAX_NEW_TOKENS[domain]`. `scorer` is one of `tasks.SCORERS`:
+    "generate" decodes and extracts the answer; "loglik"/"loglik_norm" pick the option whose content
+    (`tasks.loglik_requests`) is the most likely continuation (lm-eval's acc/acc_norm);
+    "loglik_label" the option whose label token is. With `out_dir`, writes predictions.jsonl (one
+    line per item) and accuracy.csv.
     """
     if scorer not in SCORERS:
-        raise ValueError(f"scorer {scorer!r} not in {SCORERS}")
+        raise ValueError(f"scorer {scorer!r} not in {tuple(SCORERS)}")
     rows, predictions = [], []
     for task in resolve_tasks(tasks):
         items = load_items(task, data_root=data_root, limit=limit)
         prompts = [build_prompt(it["instruction"], it["input"]) for it in items]
+        truncated: list[bool] = []
         if scorer == "generate":
-            truncated: list[bool] = []
             outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
                                max_new_tokens=_budget(max_new_tokens, task.domain),
                                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -258,15 +316,19 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
             flags = [is_correct(task, o, it["answer"]) for o, it in zip(outputs, items)]
             extra = [{"prompt_truncated": t} for t in truncated]
         else:
-            contexts, choices = _loglik_inputs(task, items, prompts)
-            scored = loglik_choice(model, tokenizer, contexts, choices, batch_size=batch_size,
-                                   progress=progress, desc=task.name)
-            key = "pred" if scorer == "loglik" else "pred_norm"
-            extracted = [c[s[key]] for c, s in zip(choices, scored)]
+            options = [item_options(task, it) for it in items]
+            requests = [_label_requests(task, p, o) if scorer == "loglik_label" else loglik_requests(task, it)
+                        for it, p, o in zip(items, prompts, options)]
+            scored = loglik_choice(model, tokenizer, [[(r.context, r.continuation) for r in rs] for rs in requests],
+                                   batch_size=batch_size, progress=progress, desc=task.name)
+            per = [[ll / len(r.choice) for ll, r in zip(s["logliks"], rs)] if scorer == "loglik_norm" else s["logliks"]
+                   for s, rs in zip(scored, requests)]
+            extracted = [o[max(range(len(o)), key=v.__getitem__)] for o, v in zip(options, per)]
             outputs = [format_answer(task, e) for e in extracted]
             flags = [e == it["answer"] for e, it in zip(extracted, items)]
-            extra = [{"logliks": s["logliks"]} for s in scored]
-        rows.append(_summary(task, scorer, flags))
+            truncated = [s["truncated"] for s in scored]
+            extra = [{"logliks": s["logliks"], "prompt_truncated": s["truncated"]} for s in scored]
+        rows.append(_summary(task, scorer, flags, truncated))
         predictions += [{"task": task.name, "item_id": it["id"], "prompt_hash": prompt_hash(p), "output": o,
                          "extracted": e, "label": it["answer"], "correct": f, **x}
                         for it, p, o, e, f, x in zip(items, prompts, outputs, extracted, flags, extra)]

@@ -9,10 +9,14 @@ from pathlib import Path
 import pandas as pd
 
 from .fidelity import fidelity_table
+from .tasks import SCORERS
 
+# accuracy (and its interval) is the study's main scorer's, named in `scorer`; accuracy_<name> holds
+# each scorer's that the evaluation ran (evaluation.scorer and extra_scorers), empty otherwise. Cells
+# evaluated before the scorer was recorded in their metrics used the default, generate.
 RESULT_COLUMNS = ["model", "kind", "student", "teacher", "method", "temperature", "noise", "teacher_kind", "seed",
-                  "task", "domain", "n", "accuracy", "ci_low", "ci_high", "student_params", "teacher_params",
-                  "cell_id"]
+                  "task", "domain", "n", "scorer", "accuracy", "ci_low", "ci_high", "student_params", "teacher_params",
+                  "cell_id", *(f"accuracy_{s}" for s in SCORERS)]
 
 
 def _clean(value):
@@ -46,14 +50,16 @@ def collect_results(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
         if m["kind"] in ("sft", "base"):
             params.setdefault(m["student"], m["params"])
     for cell_dir, m in evals:
+        scorer = m.get("scorer", "generate")
         for t in m["tasks"]:
             rows.append({
                 "model": m["model"], "kind": m["kind"], "student": m["student"], "teacher": m["teacher"],
                 "method": m["method"] or m["kind"], "temperature": m["temperature"], "noise": m["noise"],
                 "teacher_kind": m["teacher_kind"], "seed": m["seed"], "task": t["task"], "domain": t["domain"],
-                "n": t["n"], "accuracy": t["accuracy"], "ci_low": t["ci_low"], "ci_high": t["ci_high"],
-                "student_params": m["params"], "teacher_params": params.get(m["teacher"]) if m["teacher"] else None,
-                "cell_id": cell_dir.name})
+                "n": t["n"], "scorer": scorer, "accuracy": t["accuracy"], "ci_low": t["ci_low"],
+                "ci_high": t["ci_high"], "student_params": m["params"],
+                "teacher_params": params.get(m["teacher"]) if m["teacher"] else None, "cell_id": cell_dir.name,
+                **{f"accuracy_{s}": t["accuracy"] if s == scorer else t.get(f"accuracy_{s}") for s in SCORERS}})
     if not rows:
         raise FileNotFoundError(f"no complete evaluate cells under {study / 'evaluate'}")
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)

@@ -16,6 +16,10 @@ Prompt and scoring mirror the LLM-Adapters code the paper's authors evaluated wi
 - choice tasks: the first occurrence of any of the task's option tokens (case-sensitive,
   their regex; longer tokens are tried first so a token that prefixes another never wins).
 No answer found -> `extract_answer` gives None and the item is incorrect.
+
+Log-likelihood scoring (`loglik_requests`) follows lm-evaluation-harness instead: each option's
+content, not its label, is the continuation, as each task's `Continuations` declares next to its
+source (see `Continuations` for where ours differs from lm-eval's task files).
 """
 from __future__ import annotations
 
@@ -25,11 +29,20 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 DOMAINS = ("math", "commonsense", "instruction")
 ANSWER_KINDS = ("number", "letter", "choice")
 SUITES = ("paper", "micro")
+
+# How `evaluate` scores an item (one home for the names: the params' `scorer` is one of these).
+SCORERS = {
+    "generate": "decode, then extract the stated answer (the paper's metric)",
+    "loglik": "the option whose content is the most likely continuation (lm-evaluation-harness acc)",
+    "loglik_norm": "the same per character of the option (lm-evaluation-harness acc_norm)",
+    "loglik_label": "the option whose label token (answer1, true, ...) is the most likely after "
+                    "'the correct answer is ': the trained format of an SFT'd model, not its knowledge",
+}
 
 # Generation budget per domain (LLM-Adapters: 256 new tokens for math, 32 for commonsense).
 MAX_NEW_TOKENS = {"math": 256, "commonsense": 32, "instruction": 256}
@@ -59,13 +72,31 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
+class Continuations:
+    """How log-likelihood scoring reads a choice item, after an lm-evaluation-harness task file
+    (`source`, under lm_eval/tasks/): the context is `context` with the item's question, each
+    option's continuation is `delimiter` + its text (`texts`, one per option token, replaces the
+    listed texts: BoolQ's yes/no). `partial` is WinoGrande's partial scoring: the option fills the
+    blank of the question in the context, and the continuation is the rest of the sentence.
+    `preprocess` names a rewrite of question and texts in `PREPROCESSORS`."""
+
+    context: str
+    source: str
+    delimiter: str = " "
+    texts: tuple[str, ...] = ()
+    partial: bool = False
+    preprocess: str | None = None
+
+
+@dataclass(frozen=True)
 class Task:
     """One evaluation task.
 
     suite "paper" reads `<llm_adapters root>/<local_dir>/<split>.json` (shared data by default);
     suite "micro" reads `<study data root>/<local_dir>/<split>.json`. `hf_dataset` (+ config,
     split, and a named converter from `CONVERTERS`) is the fallback source when no local file
-    exists; without a converter the hub records must already be LLM-Adapters items.
+    exists; without a converter the hub records must already be LLM-Adapters items. `loglik`
+    declares the log-likelihood scorers' continuations (None: generation scoring only).
     """
 
     name: str
@@ -78,6 +109,7 @@ class Task:
     hf_config: str | None = None
     hf_split: str = "test"
     hf_converter: str | None = None
+    loglik: Continuations | None = None
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
@@ -92,6 +124,15 @@ class Task:
         if self.hf_converter is not None and self.hf_converter not in CONVERTERS:
             raise ValueError(f"task {self.name!r}: unknown converter {self.hf_converter!r}; "
                              f"known: {sorted(CONVERTERS)}")
+        if self.loglik is not None:
+            if self.answer_kind != "choice":
+                raise ValueError(f"task {self.name!r}: only choice tasks declare log-likelihood continuations")
+            if self.loglik.texts and len(self.loglik.texts) != len(self.options):
+                raise ValueError(f"task {self.name!r}: {len(self.loglik.texts)} continuation texts "
+                                 f"for {len(self.options)} options")
+            if self.loglik.preprocess is not None and self.loglik.preprocess not in PREPROCESSORS:
+                raise ValueError(f"task {self.name!r}: unknown preprocess {self.loglik.preprocess!r}; "
+                                 f"known: {sorted(PREPROCESSORS)}")
         if not self.local_dir:
             object.__setattr__(self, "local_dir", self.name)
 
@@ -149,6 +190,38 @@ CONVERTERS: dict[str, Callable[[dict], dict]] = {
 }
 
 
+# --- log-likelihood preprocessing: (question, option texts) -> (question, option texts) ----------
+
+def _hellaswag_clean(text: str) -> str:
+    """lm-eval's hellaswag/utils.py `preprocess`: WikiHow's [tags] out, as theirs."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def split_hellaswag_context(ctx: str) -> tuple[str, str]:
+    """(ctx_a, ctx_b) of a HellaSwag context ctx_a + " " + ctx_b, which is all the items keep:
+    ActivityNet contexts (no [tags]) end with ctx_b, the words after their last ". "; WikiHow
+    contexts have an empty ctx_b."""
+    if "[" in ctx or ". " not in ctx:
+        return ctx, ""
+    head, tail = ctx.rsplit(". ", 1)
+    return head + ".", tail
+
+
+def preprocess_hellaswag(question: str, texts: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """lm-eval's hellaswag/utils.py: query preprocess(activity_label + ": " + ctx_a + " " +
+    ctx_b.capitalize()) (ctx_a and ctx_b from `split_hellaswag_context`), endings preprocessed."""
+    label, ctx = question.split(": ", 1)
+    ctx_a, ctx_b = split_hellaswag_context(ctx)
+    return _hellaswag_clean(f"{label}: {ctx_a} {ctx_b.capitalize()}"), tuple(_hellaswag_clean(t) for t in texts)
+
+
+PREPROCESSORS: dict[str, Callable[[str, tuple[str, ...]], tuple[str, tuple[str, ...]]]] = {
+    "hellaswag": preprocess_hellaswag,
+}
+
+
 # --- the registry -----------------------------------------------------------------------------
 
 def _tokens(prefix: str, n: int) -> tuple[str, ...]:
@@ -157,6 +230,19 @@ def _tokens(prefix: str, n: int) -> tuple[str, ...]:
 
 _ABCDE = ("A", "B", "C", "D", "E")
 _TF = ("true", "false")
+
+# lm-evaluation-harness 0.4.13's zero-shot definitions (doc_to_text, doc_to_choice, target_delimiter),
+# read on the LLM-Adapters items: question = the instruction's text after its lead-in, texts = the
+# options it lists.
+# BoolQ: theirs is "{passage}\nQuestion: {question}?\nAnswer:"; the LLM-Adapters items carry no passage.
+_BOOLQ = Continuations("Question: {question}\nAnswer:", "super_glue/boolq/default.yaml", texts=("yes", "no"))
+_PIQA = Continuations("Question: {question}\nAnswer:", "piqa/piqa.yaml")
+_SIQA = Continuations("Q: {question}\nA:", "siqa/siqa.yaml")  # the items' question is "{context} {question}"
+_HELLASWAG = Continuations("{question}", "hellaswag/hellaswag.yaml + utils.py", preprocess="hellaswag")
+_MICRO_HELLASWAG = Continuations("{question}", "hellaswag/hellaswag.yaml")  # no activity label or [tags] to clean
+_WINOGRANDE = Continuations("{question}", "winogrande/preprocess_winogrande.py", partial=True)
+_ARC = Continuations("Question: {question}\nAnswer:", "arc/arc_easy.yaml")
+_OBQA = Continuations("{question}", "openbookqa/openbookqa.yaml")  # the bare question_stem, no "Answer:"
 
 _ENTRIES = [
     # the paper's 14 zero-shot test sets (LLM-Adapters format)
@@ -167,31 +253,31 @@ _ENTRIES = [
     Task("AddSub", "math", "number"),
     Task("AQuA", "math", "letter", _ABCDE),
     Task("boolq", "commonsense", "choice", _TF,
-         hf_dataset="google/boolq", hf_split="validation", hf_converter="boolq"),
-    Task("piqa", "commonsense", "choice", _tokens("solution", 2)),
+         hf_dataset="google/boolq", hf_split="validation", hf_converter="boolq", loglik=_BOOLQ),
+    Task("piqa", "commonsense", "choice", _tokens("solution", 2), loglik=_PIQA),
     # answer1-5 for these four: the authors' regex (ARC has 3- to 5-option items)
-    Task("social_i_qa", "commonsense", "choice", _tokens("answer", 5)),
+    Task("social_i_qa", "commonsense", "choice", _tokens("answer", 5), loglik=_SIQA),
     Task("hellaswag", "commonsense", "choice", _tokens("ending", 4),
-         hf_dataset="Rowan/hellaswag", hf_split="validation", hf_converter="hellaswag"),
+         hf_dataset="Rowan/hellaswag", hf_split="validation", hf_converter="hellaswag", loglik=_HELLASWAG),
     Task("winogrande", "commonsense", "choice", _tokens("option", 2),
          hf_dataset="allenai/winogrande", hf_config="winogrande_xl", hf_split="validation",
-         hf_converter="winogrande"),
+         hf_converter="winogrande", loglik=_WINOGRANDE),
     Task("ARC-Easy", "commonsense", "choice", _tokens("answer", 5),
-         hf_dataset="allenai/ai2_arc", hf_config="ARC-Easy", hf_converter="multiple_choice"),
+         hf_dataset="allenai/ai2_arc", hf_config="ARC-Easy", hf_converter="multiple_choice", loglik=_ARC),
     Task("ARC-Challenge", "commonsense", "choice", _tokens("answer", 5),
-         hf_dataset="allenai/ai2_arc", hf_config="ARC-Challenge", hf_converter="multiple_choice"),
+         hf_dataset="allenai/ai2_arc", hf_config="ARC-Challenge", hf_converter="multiple_choice", loglik=_ARC),
     Task("openbookqa", "commonsense", "choice", _tokens("answer", 5),
-         hf_dataset="allenai/openbookqa", hf_config="main", hf_converter="multiple_choice"),
+         hf_dataset="allenai/openbookqa", hf_config="main", hf_converter="multiple_choice", loglik=_OBQA),
     # the micro world of the CPU study (kd_utils.microworld writes them)
     *(Task(f"micro_{n}", "math", "number", suite="micro")
       for n in ("addsub", "singleeq", "multiarith", "svamp", "gsm", "aqua", "mawps")),
-    Task("micro_boolq", "commonsense", "choice", _TF, suite="micro"),
-    Task("micro_piqa", "commonsense", "choice", _tokens("solution", 2), suite="micro"),
-    Task("micro_siqa", "commonsense", "choice", _tokens("answer", 3), suite="micro"),
-    Task("micro_hellaswag", "commonsense", "choice", _tokens("ending", 4), suite="micro"),
-    Task("micro_winogrande", "commonsense", "choice", _tokens("option", 2), suite="micro"),
-    Task("micro_arc", "commonsense", "choice", _tokens("answer", 4), suite="micro"),
-    Task("micro_obqa", "commonsense", "choice", _tokens("answer", 5), suite="micro"),
+    Task("micro_boolq", "commonsense", "choice", _TF, suite="micro", loglik=_BOOLQ),
+    Task("micro_piqa", "commonsense", "choice", _tokens("solution", 2), suite="micro", loglik=_PIQA),
+    Task("micro_siqa", "commonsense", "choice", _tokens("answer", 3), suite="micro", loglik=_SIQA),
+    Task("micro_hellaswag", "commonsense", "choice", _tokens("ending", 4), suite="micro", loglik=_MICRO_HELLASWAG),
+    Task("micro_winogrande", "commonsense", "choice", _tokens("option", 2), suite="micro", loglik=_WINOGRANDE),
+    Task("micro_arc", "commonsense", "choice", _tokens("answer", 4), suite="micro", loglik=_ARC),
+    Task("micro_obqa", "commonsense", "choice", _tokens("answer", 5), suite="micro", loglik=_OBQA),
 ]
 TASKS: dict[str, Task] = {t.name: t for t in _ENTRIES}
 
@@ -379,6 +465,104 @@ def item_options(task: Task, item: dict) -> tuple[str, ...]:
                              f"is not within the task's options {task.options}")
         return listed
     return task.options
+
+
+# --- log-likelihood requests ------------------------------------------------------------------------
+
+class LoglikRequest(NamedTuple):
+    """One option of an item: the context, the continuation scored after it, and the option's
+    text as lm-eval's doc_to_choice gives it (acc_norm divides by its length in characters)."""
+
+    context: str
+    continuation: str
+    choice: str
+
+
+def _cut(text: str, end: int, seps: tuple[str, ...]) -> str:
+    """text[:end] without the one separator that ends it."""
+    span = text[:end]
+    return next((span[:-len(s)] for s in seps if span.endswith(s)), span)
+
+
+def _listed_after_label(body: str, labels: tuple[str, ...]) -> tuple[str, list[str]]:
+    """LLM-Adapters: "question\n\nAnswer1: text Answer2: text\n\nAnswer format: ..." (PIQA's
+    options are separated by blank lines, WinoGrande's "Answer format" follows on the same line)."""
+    marks = [f"{label.capitalize()}: " for label in labels]
+    starts, at = [], 0
+    for mark in marks:
+        at = body.find(mark, at)
+        if at < 0:
+            raise ValueError(f"option marker {mark!r} not found")
+        starts.append(at)
+        at += len(mark)
+    ends = starts[1:] + [body.rindex("Answer format:")]
+    texts = [_cut(body[s + len(m):], e - s - len(m), ("\n\n", " ")) for s, e, m in zip(starts, ends, marks)]
+    return _cut(body, starts[0], ("\n\n",)), texts
+
+
+def _listed_before_label(body: str, labels: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The micro world (microworld._choice): "question\n\ntext (answer1), text (answer2)\n\nAnswer format: ..."."""
+    question, _, listed = body.partition("\n\n")
+    texts, at = [], 0
+    for label in labels:
+        end = listed.find(f" ({label})", at)
+        if end < 0:
+            raise ValueError(f"option ({label}) not found")
+        texts.append(listed[at:end].lstrip(", \n"))
+        at = end + len(label) + 3
+    return question, texts
+
+
+# How each suite's items list their options.
+LISTINGS: dict[str, Callable[[str, tuple[str, ...]], tuple[str, list[str]]]] = {
+    "paper": _listed_after_label, "micro": _listed_before_label,
+}
+
+
+def option_texts(task: Task | str, item: dict) -> tuple[str, tuple[str, ...]]:
+    """The question an item asks (its instruction after the lead-in, up to the options) and the
+    texts of its options (in `item_options` order; none listed for true/false items)."""
+    task = get_task(task)
+    labels = item_options(task, item)
+    lead, blank, rest = item["instruction"].partition("\n\n")  # the lead-in ends at the first paragraph's ": "
+    body = lead.split(": ", 1)[-1] + blank + rest
+    if task.options == _TF:
+        return _cut(body, body.rindex("Answer format:"), ("\n\n",)), ()
+    try:
+        question, texts = LISTINGS[task.suite](body, labels)
+    except ValueError as e:
+        raise ValueError(f"task {task.name!r} item {item.get('id')}: {e} in its instruction") from None
+    return question, tuple(texts)
+
+
+def loglik_requests(task: Task | str, item: dict) -> list[LoglikRequest]:
+    """One request per option of the item (`item_options` order), as `task.loglik` declares."""
+    task = get_task(task)
+    spec = task.loglik
+    if spec is None:
+        raise ValueError(f"task {task.name!r} declares no log-likelihood continuations: "
+                         f"score it with scorer='generate'")
+    question, texts = option_texts(task, item)
+    if spec.texts:
+        texts = tuple(dict(zip(task.options, spec.texts))[label] for label in item_options(task, item))
+    if spec.preprocess:
+        question, texts = PREPROCESSORS[spec.preprocess](question, texts)
+    if spec.partial:  # lm-eval winogrande: contexts sentence[:blank] + option, target the rest, stripped
+        blank = question.index("_")
+        rest = spec.delimiter + question[blank + 1:].strip()
+        return [LoglikRequest(spec.context.format(question=question[:blank] + t), rest, question[:blank] + t)
+                for t in texts]
+    context = spec.context.format(question=question)
+    return [LoglikRequest(context, spec.delimiter + t, t) for t in texts]
+
+
+def can_score(task: Task | str, scorer: str) -> bool:
+    """Whether `scorer` (one of `SCORERS`) applies to `task`: log-likelihood scoring needs options,
+    and for loglik/loglik_norm declared continuations."""
+    task = get_task(task)
+    if scorer in ("loglik", "loglik_norm"):
+        return task.loglik is not None
+    return scorer == "generate" or task.answer_kind != "number"
 
 
 # --- scoring ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from kd_utils import evaluation as E
-from kd_utils.tasks import GROUPS, TASKS, build_prompt, format_answer, item_options, load_items
+from kd_utils.tasks import GROUPS, TASKS, build_prompt, format_answer, item_options, load_items, loglik_requests
 
 SHARED = Path(os.environ.get("KD_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
 PAPER_DATA = SHARED / "data" / "llm_adapters"
@@ -116,28 +116,63 @@ def _direct_loglik(model, tokenizer, context: str, continuation: str) -> float:
     return sum(logprobs[t - 1, whole[t]].item() for t in range(len(ctx), len(whole)))
 
 
-def test_loglik_matches_a_direct_sum_of_token_logprobs(model, tokenizer):
-    contexts = [p + "the correct answer is " for p in PROMPTS[:3]] + [PROMPTS[3]] * 2
-    choices = [["answer1", "answer2", "answer3"], ["true", "false"], ["solution1", "solution2", "ending4", "x"],
-               ["The answer is 5.", "The answer is 12."],
-               [" x", " appropriately completes the request"]]  # few tokens vs. few tokens per byte
-    scored = E.loglik_choice(model, tokenizer, contexts, choices, batch_size=3, progress=False)
-    assert scored[-1]["pred"] != scored[-1]["pred_norm"]  # so acc and acc_norm are both checked
-    for ctx, opts, s in zip(contexts, choices, scored):
-        direct = [_direct_loglik(model, tokenizer, ctx, c) for c in opts]
-        assert s["logliks"] == pytest.approx(direct, abs=1e-4)
-        assert s["num_bytes"] == [len(c.encode()) for c in opts]
-        assert s["pred"] == max(range(len(opts)), key=direct.__getitem__)
-        assert s["pred_norm"] == max(range(len(opts)), key=lambda j: direct[j] / len(opts[j]))
-        assert all(ll < 0 for ll in s["logliks"]) and len(s["is_greedy"]) == len(opts)
-    with pytest.raises(ValueError, match="choice lists"):
-        E.loglik_choice(model, tokenizer, contexts, choices[:2], progress=False)
+def _direct_greedy(model, tokenizer, context: str, continuation: str) -> bool:
+    stripped = context.rstrip()
+    ctx = tokenizer(stripped)["input_ids"]
+    whole = tokenizer(stripped + context[len(stripped):] + continuation)["input_ids"]
+    with torch.no_grad():
+        argmax = model(torch.tensor([whole])).logits[0].argmax(-1)
+    return all(argmax[t - 1] == whole[t] for t in range(len(ctx), len(whole)))
+
+
+LOGLIK_ITEMS = [  # shared contexts, options with a common start, WinoGrande-like partial scoring,
+    # requests that share no token, one-request items
+    [(p + "the correct answer is ", o) for o in ("answer1", "answer2", "answer3")] for p in PROMPTS[:2]] + [
+    [(PROMPTS[3], " The answer is 5."), (PROMPTS[3], " The answer is 12."), (PROMPTS[3], " x")],
+    [("Sam has 12 apples so Sam", " buys 7 more"), ("Sam has 12 apples so Tom", " buys 7 more")],
+    [("true", " false"), ("Is the sky", " green? true")],
+    [(PROMPTS[2], "the correct answer is solution1")],
+]
+
+
+def test_loglik_matches_a_direct_sum_of_token_logprobs_at_any_batch_size(model, tokenizer):
+    direct = [[_direct_loglik(model, tokenizer, c, x) for c, x in item] for item in LOGLIK_ITEMS]
+    greedy = [[_direct_greedy(model, tokenizer, c, x) for c, x in item] for item in LOGLIK_ITEMS]
+    for batch_size in (1, 2, 8):
+        scored = E.loglik_choice(model, tokenizer, LOGLIK_ITEMS, batch_size=batch_size, progress=False)
+        for s, d, g in zip(scored, direct, greedy):
+            assert s["logliks"] == pytest.approx(d, abs=1e-4)
+            assert s["is_greedy"] == g and s["truncated"] is False
+    with pytest.raises(ValueError, match="no requests"):
+        E.loglik_choice(model, tokenizer, [[("a", " b")], []], progress=False)
+
+
+def test_a_context_longer_than_the_window_loses_its_left_and_is_counted(model, tokenizer):
+    window = model.config.max_position_embeddings
+    long_context = "Sam has 12 apples " * 120 + "How many apples"
+    ids = tokenizer(long_context)["input_ids"]
+    options = [" The answer is 5.", " The answer is 12."]
+    assert len(ids) > window
+    scored = E.loglik_choice(model, tokenizer, [[(long_context, o) for o in options], [(PROMPTS[3], " x")]],
+                             progress=False)
+    assert [s["truncated"] for s in scored] == [True, False]
+    for o, ll in zip(options, scored[0]["logliks"]):
+        cont = tokenizer(long_context + o)["input_ids"][len(ids):]
+        with torch.no_grad():
+            kept = torch.tensor([(ids + cont)[-(window + 1):-1]])
+            logprobs = torch.log_softmax(model(kept).logits[0].double(), -1)
+        targets = (ids + cont)[-len(cont):]
+        assert ll == pytest.approx(sum(logprobs[window - len(cont) + j, t].item() for j, t in enumerate(targets)),
+                                   abs=1e-4)
+    with pytest.raises(ValueError, match="longer than the model's window"):
+        E.loglik_choice(model, tokenizer, [[("Sam", " has 12 apples" * 200)]], progress=False)
 
 
 # --- evaluate() over a micro data root written here ---------------------------------------------------
 
 @pytest.fixture
 def data_root(tmp_path):
+    """Items in the micro world's format: options listed as "text (token)"."""
     for name in ("micro_addsub", "micro_boolq", "micro_arc"):
         task = TASKS[name]
         items = []
@@ -147,7 +182,10 @@ def data_root(tmp_path):
                               "output": f"The answer is {i + 3}.", "answer": str(i + 3)})
             else:
                 label = task.options[i % len(task.options)]
-                items.append({"instruction": f"Question {i}?\n\nAnswer format: {'/'.join(task.options)}",
+                listed = "" if name == "micro_boolq" else ", ".join(
+                    f"{w} (answer{j})" for j, w in enumerate(["sky", "apples", "true answer", "x"][:len(task.options)], 1)
+                ) + "\n\n"
+                items.append({"instruction": f"Pick one: Question {i}?\n\n{listed}Answer format: {'/'.join(task.options)}",
                               "input": "", "output": f"the correct answer is {label}", "answer": label})
         (tmp_path / name).mkdir()
         (tmp_path / name / "test.json").write_text(json.dumps(items))
@@ -218,18 +256,30 @@ def test_gold_outputs_score_100_on_the_paper_tasks(monkeypatch):
     assert set(res["domain"]) == {"math", "commonsense"}
 
 
-def test_loglik_scorer(model, tokenizer, data_root, tmp_path):
-    res = E.evaluate(model, tokenizer, ["micro_boolq", "micro_arc"], data_root=data_root, scorer="loglik",
+@pytest.mark.parametrize("scorer", ["loglik", "loglik_norm", "loglik_label"])
+def test_loglik_scorers_pick_the_most_likely_option(model, tokenizer, data_root, tmp_path, scorer):
+    res = E.evaluate(model, tokenizer, ["micro_boolq", "micro_arc"], data_root=data_root, scorer=scorer,
                      out_dir=tmp_path, progress=False)
-    assert list(res["n"]) == [7, 7] and set(res["scorer"]) == {"loglik"}
+    assert list(res["n"]) == [7, 7] and set(res["scorer"]) == {scorer} and list(res["truncated"]) == [0, 0]
     preds = E.load_predictions(tmp_path)
-    arc = preds[preds.task == "micro_arc"]
-    assert set(arc["extracted"]) <= set(TASKS["micro_arc"].options)
-    assert (arc["output"] == "the correct answer is " + arc["extracted"]).all()
-    assert (arc["correct"] == (arc["extracted"] == arc["label"])).all()
-    assert arc["logliks"].map(len).eq(4).all()
-    with pytest.raises(ValueError, match="numeric answers"):
-        E.evaluate(model, tokenizer, ["micro_addsub"], data_root=data_root, scorer="loglik", progress=False)
+    for name in ("micro_boolq", "micro_arc"):
+        task, rows = TASKS[name], preds[preds.task == name]
+        for it, (_, row) in zip(load_items(task, data_root=data_root), rows.iterrows()):
+            options = item_options(task, it)
+            if scorer == "loglik_label":
+                requests = [(build_prompt(it["instruction"]) + "the correct answer is ", o, o) for o in options]
+            else:
+                requests = loglik_requests(task, it)
+                assert [r.continuation for r in requests] == (
+                    [" yes", " no"] if name == "micro_boolq" else [" sky", " apples", " true answer", " x"])
+            direct = [_direct_loglik(model, tokenizer, c, x) for c, x, _ in requests]
+            assert row["logliks"] == pytest.approx(direct, abs=1e-4)
+            per = [d / len(r[2]) for d, r in zip(direct, requests)] if scorer == "loglik_norm" else direct
+            assert row["extracted"] == options[per.index(max(per))]
+            assert row["output"] == "the correct answer is " + row["extracted"]
+            assert row["correct"] == (row["extracted"] == it["answer"]) and row["prompt_truncated"] is False
+    with pytest.raises(ValueError, match="numeric answers|generate"):
+        E.evaluate(model, tokenizer, ["micro_addsub"], data_root=data_root, scorer=scorer, progress=False)
 
 
 def test_bad_arguments(model, tokenizer, data_root, tmp_path):
@@ -242,3 +292,32 @@ def test_bad_arguments(model, tokenizer, data_root, tmp_path):
     (tmp_path / "predictions.jsonl").write_text('{"task": "x"}\n')
     with pytest.raises(ValueError, match="missing fields"):
         E.load_predictions(tmp_path)
+
+
+# --- an evaluate cell's run: the main scorer and extra views -------------------------------------------
+
+def test_run_evaluation_adds_each_extra_scorer_beside_the_main_one(model, tokenizer, data_root, tmp_path):
+    from kd_utils.config import EvalConfig, EvalJob
+    from kd_utils.evaluate_run import run_evaluation
+
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    tasks = ["micro_addsub", "micro_boolq", "micro_arc"]
+    config = EvalConfig(tasks=tasks, batch_size=4, max_new_tokens={"math": 4, "commonsense": 4},
+                        extra_scorers=["loglik", "loglik_label"])
+    job = EvalJob(model="m", model_path=str(tmp_path / "model"), kind="sft", student="m", evaluation=config,
+                  data_root=str(data_root))
+    table, metrics = run_evaluation(job, tmp_path / "cell", progress=False)
+    assert metrics["scorer"] == "generate" and list(table["task"]) == tasks
+    for scorer in ("generate", "loglik", "loglik_label"):
+        alone = E.evaluate(model, tokenizer, tasks[1:] if scorer != "generate" else tasks, data_root=data_root,
+                           scorer=scorer, batch_size=4, max_new_tokens={"math": 4, "commonsense": 4}, progress=False)
+        column = table["accuracy" if scorer == "generate" else f"accuracy_{scorer}"]
+        assert list(column.iloc[-len(alone):]) == list(alone["accuracy"])
+    assert table[["accuracy_loglik", "accuracy_loglik_label"]].iloc[0].isna().all()  # no options: generation only
+    assert (tmp_path / "cell" / "predictions.jsonl").is_file()
+    assert len(E.load_predictions(tmp_path / "cell" / "scorer-loglik")) == 14
+    with pytest.raises(ValueError, match="repeat a scorer"):
+        EvalConfig(extra_scorers=["generate"])
+    with pytest.raises(ValueError, match="loglik_norm"):
+        EvalConfig(scorer="bleu")

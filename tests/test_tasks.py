@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from kd_utils import tasks as T
-from kd_utils.tasks import (GROUPS, TASKS, Task, build_prompt, extract_answer, format_answer, get_task,
-                            is_correct, item_options, load_items, resolve_tasks)
+from kd_utils.tasks import (GROUPS, TASKS, Continuations, Task, build_prompt, extract_answer, format_answer,
+                            get_task, is_correct, item_options, load_items, loglik_requests, option_texts,
+                            resolve_tasks)
 
 SHARED = Path(os.environ.get("KD_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
 PAPER_DATA = SHARED / "data" / "llm_adapters"
@@ -69,6 +70,87 @@ def test_default_data_root_finds_shared_data(monkeypatch):
     monkeypatch.setenv("KD_SHARED_DIR", str(SHARED))
     assert T.default_data_root() == PAPER_DATA
     assert load_items("gsm8k", limit=3)[0]["answer"] == load_items("gsm8k", data_root=PAPER_DATA)[0]["answer"]
+
+
+# --- log-likelihood requests: lm-evaluation-harness's zero-shot definitions on the shared items -------
+
+@needs_paper_data
+@pytest.mark.parametrize("name", GROUPS["paper_commonsense"])
+def test_every_shared_item_lists_parsable_options(name):
+    task = TASKS[name]
+    markers = re.compile(r"(Answer|Solution|Ending|Option)\d: |Answer format")
+    for it in load_items(task, data_root=PAPER_DATA):
+        question, texts = option_texts(task, it)
+        requests = loglik_requests(task, it)
+        assert question.strip() and "\n\n" not in question and not markers.search(question)
+        assert len(requests) == len(item_options(task, it))
+        assert len(texts) == (0 if name == "boolq" else len(requests))
+        assert all(t.strip() and not markers.search(t) for t in texts)
+        assert all(r.context and r.continuation.startswith(" ") and r.choice for r in requests)
+        if name == "winogrande":
+            assert question.count("_") == 1
+
+
+# The first shared item of each task, as lm-eval 0.4.13's task files turn the hub record it came from
+# into (context, continuation) requests (doc_to_text, target_delimiter " ", doc_to_choice).
+LM_EVAL_FIRST_REQUESTS = {
+    "boolq": ("Question: does ethanol take more energy make that produces?\nAnswer:", [" yes", " no"]),
+    "piqa": ("Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",
+             [" Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips, you "
+              "will also need to supply it with a water bottle and a food dish.",
+              " Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material, you "
+              "will also need to supply it with a water bottle and a food dish."]),
+    "social_i_qa": ("Q: Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do "
+                    "before this?\nA:", [" make a new plan", " Go home and see Riley", " Find somewhere to go"]),
+    "hellaswag": ("Roof shingle removal: A man is sitting on a roof. He",  # ctx_b "he" capitalized
+                  [" is using wrap to wrap a pair of skis.", " is ripping level tiles off.",
+                   " is holding a rubik's cube.", " starts pulling up roofing on a roof."]),
+    "ARC-Easy": ("Question: Which statement best explains why photosynthesis is the foundation of most food "
+                 "webs?\nAnswer:", [" Sunlight is the source of energy for nearly all ecosystems.",
+                                     " Most ecosystems are found on land instead of in water.",
+                                     " Carbon dioxide is more available than other gases.",
+                                     " The producers in all ecosystems are plants."]),
+    "openbookqa": ("A person wants to start saving money so that they can afford a nice vacation at the end of the "
+                   "year. After looking over their budget and expenses, they decide the best way to save money is to",
+                   [" make more phone calls", " quit eating lunch out", " buy less with monopoly money",
+                    " have lunch with friends"]),
+}
+
+
+@needs_paper_data
+@pytest.mark.parametrize("name", sorted(LM_EVAL_FIRST_REQUESTS))
+def test_requests_are_lm_evals(name):
+    context, continuations = LM_EVAL_FIRST_REQUESTS[name]
+    requests = loglik_requests(name, load_items(name, data_root=PAPER_DATA, limit=1)[0])
+    assert [(r.context, r.continuation) for r in requests] == [(context, c) for c in continuations]
+
+
+@needs_paper_data
+def test_winogrande_partial_scoring_and_hellaswag_wikihow_cleaning():
+    wino = loglik_requests("winogrande", load_items("winogrande", data_root=PAPER_DATA, limit=1)[0])
+    assert [tuple(r) for r in wino] == [
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases.",
+         "Sarah was a much better surgeon than Maria so Sarah"),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.",
+         "Sarah was a much better surgeon than Maria so Maria")]
+    item = {"instruction": "Please choose the correct ending to complete the given sentence: Home: [header] How to "
+                           "paint [title] Buy paint. [step] Go to a store.\n\nEnding1: [substeps] Pick a color. "
+                           "Ending2: Leave.\n\nAnswer format: ending1/ending2"}
+    assert [tuple(r) for r in loglik_requests("hellaswag", item)] == [  # lm-eval's hellaswag/utils.py preprocess
+        ("Home: How to paint. Buy paint. Go to a store.", "  Pick a color.", " Pick a color."),
+        ("Home: How to paint. Buy paint. Go to a store.", " Leave.", "Leave.")]
+
+
+def test_requests_of_micro_items_and_errors():
+    item = {"instruction": "Please choose the correct solution to the question: How do I turn 6 into 20?\n\n"
+                           "add 14 (solution1)\n\nadd 12 (solution2)\n\nAnswer format: solution1/solution2"}
+    assert [(r.context, r.continuation) for r in loglik_requests("micro_piqa", item)] == [
+        ("Question: How do I turn 6 into 20?\nAnswer:", " add 14"), ("Question: How do I turn 6 into 20?\nAnswer:", " add 12")]
+    with pytest.raises(ValueError, match=r"micro_arc.*\(answer1\) not found"):
+        loglik_requests("micro_arc", {"id": 3, "instruction": "Q?\n\nno options\n\nAnswer format: answer1/answer2"})
+    with pytest.raises(ValueError, match="scorer='generate'"):
+        loglik_requests("AQuA", {"instruction": "(A) 1 (B) 2"})
+    assert all((TASKS[n].loglik is not None) == (TASKS[n].answer_kind == "choice") for n in TASKS)
 
 
 # --- Hugging Face converters: rebuild the shared items from hub-shaped records --------------------
@@ -274,6 +356,11 @@ def test_get_task_rejects_groups_and_unknown_names():
     (dict(domain="commonsense", answer_kind="choice"), "need options"),
     (dict(domain="math", answer_kind="number", suite="other"), "suite"),
     (dict(domain="math", answer_kind="number", hf_converter="nope"), "converter"),
+    (dict(domain="math", answer_kind="number", loglik=Continuations("{question}", "x")), "only choice tasks"),
+    (dict(domain="commonsense", answer_kind="choice", options=("a", "b"),
+          loglik=Continuations("{question}", "x", texts=("yes",))), "1 continuation texts for 2 options"),
+    (dict(domain="commonsense", answer_kind="choice", options=("a", "b"),
+          loglik=Continuations("{question}", "x", preprocess="nope")), "unknown preprocess"),
 ])
 def test_task_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

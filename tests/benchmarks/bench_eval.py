@@ -1,6 +1,7 @@
 """Benchmark: this project's evaluator against lm-evaluation-harness on one multiple-choice
-task (same model, same local data through a custom task, same log-likelihood scoring), and
-generation throughput at batch 1 and 32.
+task (same model, same local data through a custom task, same log-likelihood scoring of each
+option's content, `tasks.loglik_requests`), and generation throughput at batch 1 and 32.
+bench_loglik.py does the same with a real LM on real items, through lm-eval's own task files.
 
     .venv/bin/python tests/benchmarks/bench_eval.py --out outputs/benchmarks [--model DIR --data-root DIR]
 
@@ -23,7 +24,7 @@ import torch
 
 from kd_utils.evaluation import evaluate, generate, load_predictions
 from kd_utils.models import load_model
-from kd_utils.tasks import build_prompt, get_task, item_options, load_items
+from kd_utils.tasks import build_prompt, get_task, item_options, load_items, loglik_requests
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,17 +67,16 @@ def lm_eval_run(model, tokenizer, task_name: str, data_root: str, limit: int, ba
 
     task = get_task(task_name)
     items = load_items(task, data_root, limit=limit)
-    prefix = task.answer_format.split("{}")[0]
     docs = work / "docs.jsonl"
     with docs.open("w") as f:
         for it in items:
-            choices = list(item_options(task, it))
-            f.write(json.dumps({"context": build_prompt(it["instruction"], it["input"]) + prefix,
-                                "choices": choices, "gold": choices.index(it["answer"])}) + "\n")
+            requests = loglik_requests(task, it)  # (context, " " + choice): lm-eval's default target_delimiter
+            f.write(json.dumps({"context": requests[0].context, "choices": [r.choice for r in requests],
+                                "gold": item_options(task, it).index(it["answer"])}) + "\n")
     (work / "task.yaml").write_text(
         f"task: bench_{task_name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {docs}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\n"
-        'doc_to_target: gold\ntarget_delimiter: ""\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
+        'doc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=[f"bench_{task_name}"], task_manager=TaskManager(include_path=str(work)),
@@ -111,20 +111,17 @@ def scoring_speed(model, tokenizer, task_name: str, data_root: str, limit: int, 
 
     from kd_utils.evaluation import loglik_choice
 
-    task = get_task(task_name)
-    items = load_items(task, data_root, limit=limit)
-    prefix = task.answer_format.split("{}")[0]
-    contexts = [build_prompt(it["instruction"], it["input"]) + prefix for it in items]
-    choices = [list(item_options(task, it)) for it in items]
-    n = sum(len(c) for c in choices)
+    requests = [[(r.context, r.continuation) for r in loglik_requests(task_name, it)]
+                for it in load_items(task_name, data_root, limit=limit)]
+    n = sum(len(r) for r in requests)
     t0 = time.perf_counter()
-    loglik_choice(model, tokenizer, contexts, choices, batch_size=batch_size, progress=False)
+    loglik_choice(model, tokenizer, requests, batch_size=batch_size, progress=False)
     ours_s = time.perf_counter() - t0
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    requests = [Instance(request_type="loglikelihood", doc={}, arguments=(c, o), idx=i)
-                for c, opts in zip(contexts, choices) for i, o in enumerate(opts)]
+    instances = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i)
+                 for item in requests for i, pair in enumerate(item)]
     t0 = time.perf_counter()
-    lm.loglikelihood(requests, disable_tqdm=True)
+    lm.loglikelihood(instances, disable_tqdm=True)
     theirs_s = time.perf_counter() - t0
     return {"requests": n, "ours_requests_per_s": n / ours_s, "lm_eval_requests_per_s": n / theirs_s}
 
