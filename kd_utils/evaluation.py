@@ -10,6 +10,7 @@ here is greedy, `num_beams=4` reproduces theirs.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -175,6 +176,26 @@ def _prefix_groups(pairs: Sequence[tuple[int, list[int], list[int]]]) -> list[tu
     return groups
 
 
+def _packed_batches(lengths: Sequence[int], batch_size: int) -> list[list[list[int]]]:
+    """Batches of at most `batch_size` rows of indices, each row as wide as its batch's longest
+    entry: a row starts with the longest entry left and takes the shortest ones left while they fit."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    left = collections.deque(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    batches = []
+    while left:
+        width, batch = lengths[left[0]], []
+        while left and len(batch) < batch_size:
+            row = [left.popleft()]
+            used = lengths[row[0]]
+            while left and used + lengths[left[-1]] <= width:
+                row.append(left.pop())
+                used += lengths[row[-1]]
+            batch.append(row)
+        batches.append(batch)
+    return batches
+
+
 def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]], batch_size: int = 32,
                   progress: bool = True, desc: str = "loglik") -> list[dict]:
     """Log-likelihoods of each item's (context, continuation) requests, as lm-evaluation-harness's
@@ -184,9 +205,9 @@ def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]
     Faster than its one sequence per request: an item is one sequence, its requests' common prefix
     (the context, and any common start of the options) once, then each request's remainder, which
     attends to the prefix's keys and values and to itself only (a tree-shaped attention mask, the
-    position ids of each remainder continuing the prefix's). Items of similar length share a batch
-    (`batch_size` items per forward), and the output head runs only where a continuation token is
-    predicted. A request longer than the model's window (max_position_embeddings) + 1 loses context
+    position ids of each remainder continuing the prefix's). Short items share a row with a long one
+    (`batch_size` rows per forward, `_packed_batches`), and the output head runs only where a
+    continuation token is predicted. A request longer than the model's window (max_position_embeddings) + 1 loses context
     tokens from the left as in lm-eval (which drops a leading BOS too; ours keeps leading special
     tokens); `truncated` flags such items. Assumes the model's logits are its output embeddings applied to its decoder's last
     hidden states (true of the Llama, Qwen2 and Mistral families).
@@ -210,33 +231,35 @@ def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]
     pad, device, dtype = _pad_id(tokenizer), model.device, model.dtype
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     scores: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    bar = tqdm(total=len(requests), desc=desc, disable=not progress)
+    bar = tqdm(total=len(groups), desc=desc, disable=not progress)
     with _eval_mode(model):
-        for batch in _length_batches(lengths, batch_size):
-            width = max(lengths[g] for g in batch)
+        for batch in _packed_batches(lengths, batch_size):
+            width = max(sum(lengths[g] for g in row) for row in batch)
             blocked = torch.finfo(dtype).min
             causal = torch.full((width, width), blocked, dtype=dtype).triu(1)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             positions = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.full((len(batch), 1, width, width), blocked, dtype=dtype)
             where: dict[int, list[int]] = {}  # request -> flat (row * width + column) of its predicting positions
-            for row, g in enumerate(batch):
-                prefix, ks = groups[g]
-                p = len(prefix)
-                ids[row, :p], positions[row, :p] = torch.tensor(prefix), torch.arange(p)
-                mask[row, 0, :p, :p] = causal[:p, :p]
-                at = p
-                for k in ks:
-                    rest, (_, ctx, cont) = rests[k], pairs[k]
-                    n = len(rest)
-                    ids[row, at:at + n] = torch.tensor(rest, dtype=torch.long)
-                    positions[row, at:at + n] = torch.arange(p, p + n)
-                    mask[row, 0, at:at + n, :p] = 0
-                    mask[row, 0, at:at + n, at:at + n] = causal[:n, :n]
-                    in_prefix = max(0, p - len(ctx) + 1)  # continuation tokens predicted inside the prefix
-                    cols = [*range(p - in_prefix, p), *range(at + n - (len(cont) - in_prefix), at + n)]
-                    where[k] = [row * width + c for c in cols]
-                    at += n
+            for row, packed in enumerate(batch):
+                at = 0
+                for g in packed:
+                    prefix, ks = groups[g]
+                    start, p = at, len(prefix)
+                    ids[row, at:at + p], positions[row, at:at + p] = torch.tensor(prefix), torch.arange(p)
+                    mask[row, 0, at:at + p, at:at + p] = causal[:p, :p]
+                    at += p
+                    for k in ks:
+                        rest, (_, ctx, cont) = rests[k], pairs[k]
+                        n = len(rest)
+                        ids[row, at:at + n] = torch.tensor(rest, dtype=torch.long)
+                        positions[row, at:at + n] = torch.arange(p, p + n)
+                        mask[row, 0, at:at + n, start:start + p] = 0
+                        mask[row, 0, at:at + n, at:at + n] = causal[:n, :n]
+                        in_prefix = max(0, p - len(ctx) + 1)  # continuation tokens predicted inside the prefix
+                        cols = [*range(start + p - in_prefix, start + p), *range(at + n - (len(cont) - in_prefix), at + n)]
+                        where[k] = [row * width + c for c in cols]
+                        at += n
                 mask[row, 0, range(at, width), range(at, width)] = 0  # padding attends to itself
             hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                              position_ids=positions.to(device), use_cache=False).last_hidden_state
@@ -250,7 +273,7 @@ def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]
             for k, cols in where.items():
                 scores[k] = (sum(chosen[at:at + len(cols)]), all(hits[at:at + len(cols)]))
                 at += len(cols)
-            bar.update(len(batch))
+            bar.update(sum(map(len, batch)))
     bar.close()
     results, k = [], 0
     for i, item in enumerate(requests):

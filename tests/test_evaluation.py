@@ -147,6 +147,17 @@ def test_loglik_matches_a_direct_sum_of_token_logprobs_at_any_batch_size(model, 
         E.loglik_choice(model, tokenizer, [[("a", " b")], []], progress=False)
 
 
+@pytest.mark.parametrize("lengths, batch_size", [([10, 3, 7, 2, 5], 2), ([4] * 5, 2), ([1, 9, 1, 1, 8, 2, 30], 3)])
+def test_packed_batches_fill_rows_up_to_their_batch_width(lengths, batch_size):
+    batches = E._packed_batches(lengths, batch_size)
+    assert sorted(i for b in batches for row in b for i in row) == list(range(len(lengths)))
+    for b in batches:
+        width = lengths[b[0][0]]
+        assert len(b) <= batch_size and width == max(lengths[i] for row in b for i in row)
+        assert all(sum(lengths[i] for i in row) <= width for row in b)
+    assert E._packed_batches([10, 3, 7, 2, 5], 2) == [[[0], [2, 3]], [[4], [1]]]
+
+
 def test_a_context_longer_than_the_window_loses_its_left_and_is_counted(model, tokenizer):
     window = model.config.max_position_embeddings
     long_context = "Sam has 12 apples " * 120 + "How many apples"
