@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .methods import METHODS
 from .model_sources import PRUNE_RULES
-from .tasks import SCORERS
+from .tasks import SCORERS, can_score, resolve_tasks
 
 
 class Strict(BaseModel):
@@ -217,6 +217,10 @@ class EvalConfig(Strict):
     def _views(self) -> "EvalConfig":
         if self.scorer in self.extra_scorers or len(set(self.extra_scorers)) < len(self.extra_scorers):
             raise ValueError(f"extra_scorers {self.extra_scorers} repeat a scorer (the main one is {self.scorer!r})")
+        unscored = [t.name for t in resolve_tasks(self.tasks) if not can_score(t, self.scorer)]
+        if unscored:
+            raise ValueError(f"scorer {self.scorer!r} cannot score {unscored}: keep scorer 'generate' and add "
+                             f"{self.scorer!r} to extra_scorers (applied where it can be), or narrow the tasks")
         return self
 
 

@@ -332,3 +332,6 @@ def test_run_evaluation_adds_each_extra_scorer_beside_the_main_one(model, tokeni
         EvalConfig(extra_scorers=["generate"])
     with pytest.raises(ValueError, match="loglik_norm"):
         EvalConfig(scorer="bleu")
+    with pytest.raises(ValueError, match=r"scorer 'loglik' cannot score \['gsm8k'.*'AQuA'\]"):
+        EvalConfig(scorer="loglik", tasks="paper")
+    assert EvalConfig(scorer="loglik", tasks="paper_commonsense").scorer == "loglik"
