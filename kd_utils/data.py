@@ -35,6 +35,15 @@ class Example:
 TRUNCATION_RULES = ("left", "skip")
 
 
+def fit_left(ids: Sequence[int], limit: int, special: set[int]) -> list[int]:
+    """`ids` cut from the left to `limit` tokens, keeping their leading special tokens (a BOS)."""
+    ids = list(ids)
+    if len(ids) <= limit:
+        return ids
+    prefix = min(next((j for j, t in enumerate(ids) if t not in special), len(ids)), limit - 1)
+    return ids[:prefix] + ids[len(ids) - (limit - prefix):]
+
+
 def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
                    truncation: str = "left", loss_on_prompt: bool = False,
                    report: dict | None = None) -> list[Example]:
@@ -70,9 +79,7 @@ def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], 
                 continue
             keep_p = max(max_length - len(r), min(len(p), max_length // 2))
             if keep_p < len(p):
-                prefix = next((j for j, t in enumerate(p) if t not in special), len(p))
-                prefix = min(prefix, keep_p - 1)
-                p = p[:prefix] + p[len(p) - (keep_p - prefix):]
+                p = fit_left(p, keep_p, special)
                 counts["prompt_truncated"] += 1
             if len(p) + len(r) > max_length:
                 r = r[: max_length - len(p)]

@@ -22,6 +22,7 @@ import torch
 from statsmodels.stats.proportion import proportion_confint
 from tqdm import tqdm
 
+from kd_utils.data import fit_left
 from kd_utils.tasks import (MAX_NEW_TOKENS, SCORERS, LoglikRequest, Task, build_prompt, extract_answer,
                             format_answer, is_correct, item_options, load_items, loglik_requests, resolve_tasks)
 
@@ -74,16 +75,6 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def _fit_left(ids: Sequence[int], limit: int, tokenizer) -> list[int]:
-    """`ids` cut from the left to `limit` tokens, keeping the leading special tokens (a BOS)."""
-    ids = list(ids)
-    if len(ids) <= limit:
-        return ids
-    special = set(getattr(tokenizer, "all_special_ids", ()))
-    prefix = min(next((j for j, t in enumerate(ids) if t not in special), len(ids)), limit - 1)
-    return ids[:prefix] + ids[len(ids) - (limit - prefix):]
-
-
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 32,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_beams: int = 1, seed: int = 0, stop_strings: Sequence[str] | None = None,
@@ -107,7 +98,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
     if window and window - max_new_tokens < 2:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of {window}")
     raw = tokenizer(list(prompts))["input_ids"]
-    encoded = [_fit_left(ids, window - max_new_tokens, tokenizer) if window else list(ids) for ids in raw]
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    encoded = [fit_left(ids, window - max_new_tokens, special) if window else list(ids) for ids in raw]
     if truncated is not None:
         truncated[:] = [len(e) < len(r) for e, r in zip(encoded, raw)]
     pad, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
@@ -223,7 +215,7 @@ def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]
                 if len(cont) > window:
                     raise ValueError(f"continuation {continuation[:40]!r}... is {len(cont)} tokens, "
                                      f"longer than the model's window of {window}")
-                ctx, truncated[i] = _fit_left(ctx, window + 1 - len(cont), tokenizer), True
+                ctx, truncated[i] = fit_left(ctx, window + 1 - len(cont), set(getattr(tokenizer, "all_special_ids", ()))), True
             pairs.append((i, ctx, cont))
     groups = _prefix_groups(pairs)
     rests = {k: (pairs[k][1] + pairs[k][2])[len(prefix):-1] for prefix, ks in groups for k in ks}
