@@ -12,6 +12,7 @@ cells and never reuses a stale result.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -98,6 +99,28 @@ def _model_file(cfg: StudyConfig, name: str) -> Path | None:
     return local if local is not None and local.exists() else None
 
 
+@functools.lru_cache(maxsize=8)
+def _local_items(train_tasks: tuple[str, ...], data: str | None, data_root: str | None, limit: int | None,
+                 data_mtime: int | None) -> tuple[dict, ...] | None:
+    """The training items when they can be read before compute (local files only), read once per
+    plan (a rewritten train_data file has a new mtime, so it is read again)."""
+    from .tasks import load_training_items
+    if data is not None and not Path(data).is_file():
+        return None
+    try:
+        return tuple(load_training_items(list(train_tasks), data, data_root, limit))
+    except FileNotFoundError:
+        return None
+
+
+def _training_items(cfg: StudyConfig, data_root: str | None) -> tuple[dict, ...] | None:
+    tasks = cfg.training.train_tasks
+    data = cfg.training.train_data
+    mtime = Path(data).stat().st_mtime_ns if data and Path(data).is_file() else None
+    return _local_items((tasks,) if isinstance(tasks, str) else tuple(tasks), data, data_root, cfg.training.limit,
+                        mtime)
+
+
 def _train_examples(cfg: StudyConfig) -> int:
     """Training examples: the micro world's, else the training items when they are local files,
     else 10k (Math10K-sized)."""
@@ -105,15 +128,8 @@ def _train_examples(cfg: StudyConfig) -> int:
         from .tasks import resolve_tasks
         n = cfg.world.n_train
         return min(n, cfg.training.limit or n) * len(resolve_tasks(cfg.training.train_tasks))
-    from .tasks import load_training_items
-    data = cfg.training.train_data
-    if data is None or Path(data).is_file():
-        try:
-            return len(load_training_items(cfg.training.train_tasks, data, cfg.evaluation.data_root,
-                                           cfg.training.limit))
-        except FileNotFoundError:
-            pass
-    return 10_000
+    items = _training_items(cfg, cfg.evaluation.data_root)
+    return 10_000 if items is None else len(items)
 
 
 def _train_tokens(cfg: StudyConfig) -> float:
@@ -385,19 +401,13 @@ def _check_tokenizers(cfg: StudyConfig, pairs: set[tuple[str, str]]) -> None:
 def _length_notes(cfg: StudyConfig, data_root: str | None) -> list[str]:
     """A warning when training pairs exceed max_length, measured with the first teacher's tokenizer
     where it can be read before compute (a local folder, a GGUF file; a pruned model's source's)."""
-    from .tasks import load_training_items
 
     name = cfg.teachers[0]
     spec = cfg.models[cfg.models[name].prune.model] if cfg.models[name].prune else cfg.models[name]
     folder = Path(spec.path).expanduser() if spec.path else None
     if not spec.gguf and not (folder and (folder / "tokenizer_config.json").is_file()):
         return []
-    data = cfg.training.train_data
-    try:
-        items = load_training_items(cfg.training.train_tasks, data, data_root, cfg.training.limit) \
-            if data is None or Path(data).is_file() else []
-    except FileNotFoundError:
-        items = []
+    items = _training_items(cfg, data_root)
     if not items:
         return []
     from .data import tokenize_pairs
@@ -425,18 +435,16 @@ def _contamination(cfg: StudyConfig, data_root: str | None):
     (local files; the micro world's data is made by its prepare cell, which checks it there).
     Raises above training.contamination.max_share unless it is allowed."""
     from .contamination import refuse_above, task_overlap
-    from .tasks import load_training_items
 
-    data = cfg.training.train_data
-    if cfg.world or (data and not Path(data).is_file()):
+    items = None if cfg.world else _training_items(cfg, data_root)
+    if items is None:
         return None
     try:
-        items = load_training_items(cfg.training.train_tasks, data, data_root, cfg.training.limit)
-        table = task_overlap(items, cfg.evaluation.tasks, cfg.evaluation.data_root)
+        table = task_overlap(list(items), cfg.evaluation.tasks, cfg.evaluation.data_root)
     except FileNotFoundError:
         return None
     c = cfg.training.contamination
-    refuse_above(table, c.max_share, c.allow, data or f"(train_tasks {cfg.training.train_tasks})")
+    refuse_above(table, c.max_share, c.allow, cfg.training.train_data or f"(train_tasks {cfg.training.train_tasks})")
     return table
 
 
