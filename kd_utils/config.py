@@ -226,6 +226,13 @@ class EvalConfig(Strict):
 
 class StatsConfig(Strict):
     tau: Literal["max", "mean"] | float = "max"
+    scorer: Scorer | None = Field(None, description=(
+        "whose accuracy the gains, hypotheses and ablations use: the evaluation's main scorer (default) or one "
+        "of its extra_scorers (then only the tasks that scorer applies to enter the statistics)"))
+
+    def scorer_of(self, evaluation: "EvalConfig") -> str:
+        """The scorer the statistics use for a study evaluated with `evaluation`."""
+        return self.scorer or evaluation.scorer
 
 
 class Ablation(Strict):
@@ -297,6 +304,10 @@ class StudyConfig(Strict):
             missing = sorted(trained - set(value)) if isinstance(value, dict) else []
             if missing:
                 raise ValueError(f"{key} has no entry for {missing}")
+        evaluated = [self.evaluation.scorer, *self.evaluation.extra_scorers]
+        if self.stats.scorer_of(self.evaluation) not in evaluated:
+            raise ValueError(f"stats.scorer: {self.stats.scorer!r} is not among the evaluation's scorers {evaluated} "
+                             f"(add it to evaluation.extra_scorers)")
         return self
 
     def kd_pairs(self) -> list[tuple[str, str]]:

@@ -375,7 +375,8 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
 
     # Analysis: the inputs' ids are a parameter, so new results make a new analysis cell.
     inputs = hashlib.sha256(",".join(sorted(c.id for c in eval_cells)).encode()).hexdigest()[:12]
-    common = {"study_dir": str(study), "inputs": inputs, "tau": cfg.stats.tau}
+    common = {"study_dir": str(study), "inputs": inputs, "tau": cfg.stats.tau,
+              "scorer": cfg.stats.scorer_of(cfg.evaluation)}
     fid = g.add(Cell("fidelity", "fidelity", NB["fidelity"], common, deps=tuple(c.id for c in eval_cells),
                      resources=res("fidelity")))
     for key in ("ablation", "statistics"):

@@ -70,6 +70,33 @@ def collect_results(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
     return table
 
 
+def scored_by(results: pd.DataFrame, scorer: str) -> pd.DataFrame:
+    """results.csv as `scorer` saw it: its accuracy in `accuracy` (the interval only where it is the
+    main scorer), on the rows it scored (a log-likelihood scorer skips the generation-only tasks)."""
+    column = f"accuracy_{scorer}"
+    if column not in results:
+        raise ValueError(f"unknown scorer {scorer!r}; results hold {[c[9:] for c in results if c.startswith('accuracy_')]}")
+    out = results[results[column].notna()].copy()
+    if out.empty:
+        raise ValueError(f"no model was scored by {scorer!r}: add it to evaluation.extra_scorers")
+    other = out["scorer"] != scorer
+    out.loc[other, ["ci_low", "ci_high"]] = float("nan")
+    out["accuracy"], out["scorer"] = out[column], scorer
+    return out.reset_index(drop=True)
+
+
+def scorer_views(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy per model under each scorer the evaluation ran (over the tasks that scorer
+    scored), with the number of tasks: one column pair per scorer, models in results' order."""
+    views = {}
+    for s in SCORERS:
+        rows = results[results[f"accuracy_{s}"].notna()]
+        if len(rows):
+            grouped = rows.groupby("model", sort=False)[f"accuracy_{s}"]
+            views[s], views[f"{s} tasks"] = grouped.mean(), grouped.size()
+    return pd.DataFrame(views).reindex(results["model"].unique())
+
+
 def collect_fidelity(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
     """fidelity.csv: every KD model against its teacher, and every SFT student against each
     teacher it is distilled from (the paper's SFT rows), from the saved predictions."""

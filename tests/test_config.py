@@ -340,3 +340,13 @@ def test_under_authors_gkd_applies_no_temperature(method, authors, tau):
     job = DistillJob(student="s", student_path="p", method=method, teacher="t", teacher_path="q",
                      temperature=2.0, training=TrainingConfig(steps=1), authors=authors)
     assert effective_temperature(job) == tau
+
+
+def test_the_statistics_scorer_is_one_the_evaluation_ran(tmp_path):
+    cfg = load_study(_write(tmp_path, BASE))
+    assert cfg.stats.scorer_of(cfg.evaluation) == "generate"
+    msg = _error(tmp_path, stats={"scorer": "loglik"})
+    assert "stats.scorer: 'loglik' is not among the evaluation's scorers ['generate']" in msg
+    cfg = load_study(_write(tmp_path, {**BASE, "stats": {"scorer": "loglik"},
+                                       "evaluation": {"extra_scorers": ["loglik"]}}))
+    assert cfg.stats.scorer_of(cfg.evaluation) == "loglik"

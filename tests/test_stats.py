@@ -309,3 +309,31 @@ def test_reproduce_cli_writes_hypotheses(tmp_path, capsys):
     assert round(h1["statistic"].iloc[0], 2) == 8.47
     out = capsys.readouterr().out
     assert "33 KD configurations" in out and "H1 (KD > SFT), math" in out
+
+
+# --------------------------------------------------------------------------- scorer views
+def test_statistics_run_on_any_scorer_the_evaluation_ran():
+    from kd_utils.results import scored_by, scorer_views
+
+    rows = [dict(_row("s", "sft", "s", "gsm8k", 10.0), scorer="generate", accuracy_generate=10.0, accuracy_loglik=None),
+            dict(_row("s", "sft", "s", "boolq", 20.0, domain="commonsense"), scorer="generate", ci_low=15.0,
+                 accuracy_generate=20.0, accuracy_loglik=60.0),
+            dict(_kd("s", "boolq", 30.0, 1.0, domain="commonsense"), scorer="generate",
+                 accuracy_generate=30.0, accuracy_loglik=70.0)]
+    results = pd.DataFrame(rows)
+    loglik = scored_by(results, "loglik")
+    assert loglik["task"].tolist() == ["boolq", "boolq"], "the generation-only task leaves the loglik view"
+    assert loglik["accuracy"].tolist() == [60.0, 70.0] and set(loglik["scorer"]) == {"loglik"}
+    assert loglik["ci_low"].isna().all(), "the main scorer's interval is not the loglik accuracy's"
+    assert scored_by(results, "generate")["ci_low"].tolist()[1] == 15.0
+    with pytest.warns(UserWarning, match="no SFT row for teacher"):
+        gains = st.gain_table(loglik, tau=1.0)
+    assert gains.loc[gains["task"] == "boolq", "gain"].item() == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="no model was scored by 'loglik'"):
+        scored_by(results.assign(accuracy_loglik=None), "loglik")
+    with pytest.raises(ValueError, match="unknown scorer 'bleu'"):
+        scored_by(results, "bleu")
+    views = scorer_views(results.assign(accuracy_loglik_norm=None, accuracy_loglik_label=None))
+    assert views.loc["s", "generate"] == pytest.approx(15.0) and views.loc["s", "generate tasks"] == 2
+    assert views.loc["s", "loglik"] == pytest.approx(60.0) and views.loc["s", "loglik tasks"] == 1
+    assert "loglik_norm" not in views
