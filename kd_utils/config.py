@@ -31,6 +31,19 @@ class WorldConfig(Strict):
     corpus_lines: int = Field(60000, gt=0, description="lines of generic pretraining text")
     vocab_size: int = Field(1024, ge=300)
     seed: int = 0
+    instruction: bool = Field(False, description=(
+        "also write the instruction-following task (micro_instruct, group micro_instruction, ROUGE-L) and "
+        "train the tokenizer on it; list it in training.train_tasks and evaluation.tasks to use it"))
+
+    def task_groups(self) -> list[str]:
+        """The task groups this world writes."""
+        return ["micro", "micro_instruction"] if self.instruction else ["micro"]
+
+
+def world_params(world: WorldConfig) -> dict:
+    """The world as notebook parameters: `instruction` only when set, so that worlds without it keep
+    their cells' ids."""
+    return world.model_dump(exclude=set() if world.instruction else {"instruction"})
 
 
 PruneRule = Literal[PRUNE_RULES]  # kd_utils.model_sources.kept_layers
@@ -105,11 +118,24 @@ class ContaminationConfig(Strict):
     allow: bool = Field(False, description="run anyway above max_share (the overlap is still reported)")
 
 
+class MemoryConfig(Strict):
+    """The memory budget of every computation over full-vocabulary logits (kd_utils.chunking)."""
+
+    chunk_mb: int | None = Field(None, gt=0, description=(
+        "MB one chunk of logits work may take: the teacher-cache build (teacher forward and per-position top-k, "
+        "logZ, tail), the KD loss and live teacher, GKD's on-policy samples, SeqKD generation and "
+        "log-likelihood scoring. Results do not depend on it, peak memory and speed do. Unset: the device's "
+        "default (kd_utils.chunking.DEFAULT_CHUNK_MB). A run stops before compute when its largest chunk would "
+        "exceed the machine's available memory. Set, it enters the ids of the cells it reaches"))
+
+
 class TrainingConfig(Strict):
     """Optimisation shared by SFT and KD runs. `steps` and `batch_size` are an int or a per-model dict."""
 
     train_tasks: str | list[str] = "micro"
-    train_data: str | None = Field(None, description="an LLM-Adapters JSON file (Math10K...) instead of tasks")
+    train_data: str | None = Field(None, description=(
+        "instead of tasks: an LLM-Adapters JSON file (Math10K...), a JSONL file in MiniLLM's format, a named set "
+        "(kd_utils.tasks.TRAIN_SETS: 'dolly', MiniLLM's Dolly-15K training split) or a hub dataset id"))
     limit: int | None = Field(None, gt=0, description="the first N items of each training task (or of train_data)")
     steps: int | dict[str, int] | None = None
     epochs: float | None = Field(None, gt=0)
@@ -167,6 +193,10 @@ class KDConfig(Strict):
     cache_samples: int = Field(16, ge=0, description=(
         "tail tokens sampled per position: the cached loss is then unbiased at every temperature; "
         "0 = one tail bucket (a lower bound, coarse at tau > 1)"))
+    student_init: Literal["base", "sft"] = Field("base", description=(
+        "where each KD run starts: the student's pretrained base (the paper) or its SFT model of the same seed "
+        "(MiniLLM, GKD); from 'sft' a run trains its steps on top of the SFT ones, so its gain over SFT includes "
+        "that extra training"))
 
     @field_validator("methods")
     @classmethod
@@ -264,6 +294,7 @@ class StudyConfig(Strict):
     kd: KDConfig = KDConfig()
     evaluation: EvalConfig = EvalConfig()
     stats: StatsConfig = StatsConfig()
+    memory: MemoryConfig = MemoryConfig()
     ablations: list[Ablation] = []
     resources: dict[str, dict[str, Any]] = {}
     executor: dict[str, Any] = {}
@@ -430,6 +461,7 @@ class DistillJob(Strict):
     cache_temperatures: list[float] | None = None
     trust_remote_code: bool = False
     authors: bool = False
+    memory: MemoryConfig = MemoryConfig()
 
     @model_validator(mode="after")
     def _teacher(self) -> "DistillJob":
@@ -484,6 +516,18 @@ class EvalJob(Strict):
     evaluation: EvalConfig = EvalConfig()
     data_root: str | None = None
     trust_remote_code: bool = False
+    memory: MemoryConfig = MemoryConfig()
+
+
+def memory_params(memory: MemoryConfig) -> dict:
+    """The memory budget as notebook parameters: none when it is the default, so that the default
+    leaves the cells' ids as they were."""
+    return {} if memory == MemoryConfig() else {"memory": memory.model_dump(mode="json")}
+
+
+def job_params(job: BaseModel) -> dict:
+    """A job's notebook parameters (its ``memory`` as :func:`memory_params`)."""
+    return {**job.model_dump(mode="json", exclude={"memory"}), **memory_params(job.memory)}
 
 
 def job_from_namespace(model: type[BaseModel], namespace: dict, source: str):

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
-from .tasks import default_data_root, load_items, resolve_tasks
+from .tasks import load_items, local_test_file, resolve_tasks
 
 COLUMNS = ["task", "n_test", "n_overlap", "share"]
 _NON_WORD = re.compile(r"[\s.,;:!?\"'`()\[\]{}]+")
@@ -42,9 +41,8 @@ def overlap_table(train_items: Iterable[dict], test_items: dict[str, list[dict]]
 def task_overlap(train_items: list[dict], tasks, data_root=None) -> pd.DataFrame:
     """:func:`overlap_table` against every test item of the named tasks that has a local test file
     (the check never downloads; a task without one is left out)."""
-    root = Path(data_root) if data_root is not None else default_data_root()
-    local = [t for t in resolve_tasks(tasks) if (root / t.local_dir / "test.json").is_file()]
-    return overlap_table(train_items, {t.name: load_items(t, root) for t in local})
+    local = [t for t in resolve_tasks(tasks) if local_test_file(t, data_root).is_file()]
+    return overlap_table(train_items, {t.name: load_items(t, data_root) for t in local})
 
 
 def refuse_above(table: pd.DataFrame, max_share: float, allow: bool, source: str) -> None:

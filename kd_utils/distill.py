@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DistillJob, KDConfig, TrainingConfig
+from .chunking import budget_bytes, check_fits, decode_batch
+from .config import DistillJob, KDConfig, MemoryConfig, TrainingConfig
 from .data import IGNORE, Example, collate, epoch_batches, split_validation, tokenize_pairs
 from .methods import KDSettings, LiveTeacher, OnPolicySampler, kd_objective, noise_seed
 from .models import apply_lora, best_device, check_compatible, count_parameters, load_model
@@ -34,6 +35,7 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
     """Train the job's student, save it under `<out_dir>/model`, return its metrics."""
     out = Path(out_dir)
     device = best_device()
+    check_fits(budget_bytes(job.memory.chunk_mb, device), device, f"{job.method} of {job.student}")
     _seed_everything(job.seed)
     settings = KDSettings(method=job.method, temperature=effective_temperature(job), beta=job.kd.beta,
                           alpha=job.kd.alpha, ce_weight=job.kd.ce_weight, noise=job.noise, lmbda=job.kd.lmbda,
@@ -77,7 +79,7 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
         if job.method == "gkd":
             longest = max(len(e.response_ids) for e in train_ex + val_ex)
             prepare = OnPolicySampler(settings.lmbda, longest, pad, tokenizer.eos_token_id, seed=job.seed,
-                                      loss_on_prompt=job.authors)
+                                      loss_on_prompt=job.authors, chunk_mb=job.memory.chunk_mb)
 
     result = train(student, cycle_steps(epoch), objective,
                    OptimSettings(max_steps=steps, lr=job.training.lr, warmup_steps=job.training.warmup_steps,
@@ -116,47 +118,52 @@ def training_examples(tokenizer, training: TrainingConfig, data_root: str | None
 
 
 def open_teacher_cache(teacher, teacher_path: str, tokenizer, train_ex: list[Example], training: TrainingConfig,
-                       kd: KDConfig, cache_root: str, temperatures, noise: float, noise_seed: int, vocab: int):
-    """The teacher's cached signal on these examples (built once, reused by every run)."""
+                       kd: KDConfig, cache_root: str, temperatures, noise: float, noise_seed: int, vocab: int,
+                       chunk_mb: int | None = None):
+    """The teacher's cached signal on these examples (built once within ``chunk_mb``, reused by every run)."""
     from .teacher_cache import cache_key, ensure_cache
 
     key = cache_key(teacher_path, tokenizer, train_ex, training.max_length, kd.cache_k, noise, noise_seed,
                     samples=kd.cache_samples)
     return ensure_cache(teacher, train_ex, cache_root, key, k=kd.cache_k, temperatures=tuple(temperatures),
-                        noise=noise, noise_seed=noise_seed, vocab_size=vocab, samples=kd.cache_samples)
+                        noise=noise, noise_seed=noise_seed, vocab_size=vocab, samples=kd.cache_samples,
+                        chunk_mb=chunk_mb)
 
 
 def teacher_generations(teacher, teacher_path: str, tokenizer, prompts: list[str], train_ex: list[Example],
-                        cache_root: str, max_new_tokens: int) -> tuple[list[str], list[str]]:
+                        cache_root: str, max_new_tokens: int, chunk_mb: int | None = None) -> tuple[list[str], list[str]]:
     """SeqKD's greedy teacher generations for the training examples' prompts (made once,
-    cached): (those prompts, the generations), in train_ex order."""
+    cached, up to 64 prompts at a time within ``chunk_mb``): (those prompts, the generations), in
+    train_ex order."""
     from .teacher_cache import cached_generations, generations_key
 
     chosen = [prompts[e.index] for e in train_ex]
     key = generations_key(teacher_path, tokenizer, chosen, max_new_tokens)
     return chosen, cached_generations(teacher, tokenizer, chosen, cache_root, key, max_new_tokens=max_new_tokens,
-                                      batch_size=64)
+                                      batch_size=decode_batch(teacher, chunk_mb, 64))
 
 
 def build_teacher_cache(teacher_path: str, training: dict, kd: dict, data_root: str | None, cache_root: str,
                         temperatures, noise: float = 0.0, noise_seed: int = 0, generations: bool = False,
-                        authors: bool = False) -> dict:
+                        authors: bool = False, memory: dict | None = None) -> dict:
     """The prepare-stage cell: build (or verify) a teacher's cache before the distill stage."""
     import time
 
     training, kd = TrainingConfig.model_validate(training), KDConfig.model_validate(kd)
+    chunk_mb = MemoryConfig.model_validate(memory or {}).chunk_mb
     teacher, tokenizer = load_model(teacher_path)
     t0 = time.perf_counter()
     prompts, train_ex, _ = training_examples(tokenizer, training, data_root, loss_on_prompt=authors)
     cache = open_teacher_cache(teacher, teacher_path, tokenizer, train_ex, training, kd, cache_root, temperatures,
-                               noise, noise_seed, len(tokenizer))
+                               noise, noise_seed, len(tokenizer), chunk_mb)
     size = sum(f.stat().st_size for f in Path(cache.path).iterdir())
     out = {"key": Path(cache.path).name, "path": str(cache.path), "k": kd.cache_k, "temperatures": list(temperatures),
            "noise": noise, "examples": len(train_ex), "target_tokens": int(cache.offsets[-1]),
            "bytes": size, "bytes_per_token": size / max(1, int(cache.offsets[-1])),
            "teacher_forward_passes": cache.forward_passes, "seconds": time.perf_counter() - t0}
     if generations:
-        teacher_generations(teacher, teacher_path, tokenizer, prompts, train_ex, cache_root, training.max_length)
+        teacher_generations(teacher, teacher_path, tokenizer, prompts, train_ex, cache_root, training.max_length,
+                            chunk_mb)
     return out
 
 
@@ -198,14 +205,15 @@ def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, s
     probe batch (:func:`probe_cache`), else the live teacher."""
     from .teacher_cache import CachedTeacher, teacher_for
 
-    live = lambda: LiveTeacher(teacher, vocab, noise=job.noise, seed=job.seed)  # noqa: E731
+    chunk_mb = job.memory.chunk_mb
+    live = lambda: LiveTeacher(teacher, vocab, noise=job.noise, seed=job.seed, chunk_mb=chunk_mb)  # noqa: E731
     if not job.kd.teacher_cache:
         return live(), None
     cache = open_teacher_cache(teacher, job.teacher_path, tokenizer, train_ex, job.training, job.kd, job.cache_root,
                                job.cache_temperatures or (job.temperature,), job.noise,
-                               noise_seed(job.noise, job.seed), vocab)
+                               noise_seed(job.noise, job.seed), vocab, chunk_mb)
     probe_batch = collate(sorted(train_ex, key=lambda e: e.index)[: job.training.batch_for(job.student)], pad)
-    probe = probe_cache(CachedTeacher(cache, vocab), live(), student, probe_batch, settings, vocab)
+    probe = probe_cache(CachedTeacher(cache, vocab, chunk_mb=chunk_mb), live(), student, probe_batch, settings, vocab)
     probe["served"] = abs(probe["loss_error"]) <= CACHE_MAX_LOSS_ERROR and \
         probe["grad_cosine"] >= CACHE_MIN_GRAD_COSINE
     print(f"teacher cache probe ({settings.objective}, tau {settings.temperature:g}): loss error "
@@ -213,14 +221,15 @@ def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, s
           + ("the cache serves this run" if probe["served"] else
              f"outside |error| <= {100 * CACHE_MAX_LOSS_ERROR:g}% and cosine >= {CACHE_MIN_GRAD_COSINE}; "
              "the live teacher serves this run"))
-    signal = teacher_for(settings, live, cache if probe["served"] else None, log=print, vocab_size=vocab)
+    signal = teacher_for(settings, live, cache if probe["served"] else None, log=print, vocab_size=vocab,
+                         chunk_mb=chunk_mb)
     return signal, probe
 
 
 def _teacher_generated(job: DistillJob, teacher, tokenizer, prompts: list[str], train_ex: list[Example]) -> list[Example]:
     """SeqKD (the paper's text): the training responses are the teacher's greedy generations."""
     chosen, gens = teacher_generations(teacher, job.teacher_path, tokenizer, prompts, train_ex, job.cache_root,
-                                       job.training.max_length)
+                                       job.training.max_length, job.memory.chunk_mb)
     regenerated = tokenize_pairs(tokenizer, chosen, gens, job.training.max_length, truncation="left",
                                  loss_on_prompt=job.authors)
     return [Example(r.prompt_ids, r.response_ids, e.index, r.loss_on_prompt) for r, e in zip(regenerated, train_ex)]

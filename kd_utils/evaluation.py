@@ -1,7 +1,8 @@
 """Zero-shot evaluation: batched decoding, multiple-choice log-likelihood, per-task accuracy.
 
 Prompts are `tasks.build_prompt(instruction, input)`; outputs are scored with
-`tasks.is_correct` (the LLM-Adapters extraction rules). Log-likelihood scoring follows
+`tasks.item_score`: the LLM-Adapters extraction rules (accuracy), or ROUGE-L F1 for the text
+(instruction-following) tasks. Log-likelihood scoring follows
 lm-evaluation-harness on the requests `tasks.loglik_requests` builds (`loglik_choice`). Decoding is exactly what the
 arguments say: sampling knobs, top-k and repetition penalty are passed explicitly, so a
 checkpoint's own generation defaults (e.g. top_k=20, repetition_penalty=1.05) never leak in.
@@ -19,15 +20,18 @@ from typing import Mapping, Iterator, Sequence
 
 import pandas as pd
 import torch
+from scipy import stats as scipy_stats
 from statsmodels.stats.proportion import proportion_confint
 from tqdm import tqdm
 
+from kd_utils.chunking import budget_bytes, rows_within
 from kd_utils.data import fit_left
 from kd_utils.tasks import (MAX_NEW_TOKENS, SCORERS, LoglikRequest, Task, build_prompt, extract_answer,
-                            format_answer, is_correct, item_options, load_items, loglik_requests, resolve_tasks)
+                            format_answer, item_options, item_score, load_items, loglik_requests, resolve_tasks)
 
 PREDICTION_FIELDS = ("task", "item_id", "prompt_hash", "output", "extracted", "label", "correct")
-RESULT_COLUMNS = ("task", "domain", "scorer", "n", "correct", "accuracy", "ci_low", "ci_high", "truncated")
+# accuracy holds the task's metric (`metric`: accuracy, or rougeL for text tasks; correct is empty then).
+RESULT_COLUMNS = ("task", "domain", "scorer", "metric", "n", "correct", "accuracy", "ci_low", "ci_high", "truncated")
 
 
 def prompt_hash(prompt: str) -> str:
@@ -188,8 +192,23 @@ def _packed_batches(lengths: Sequence[int], batch_size: int) -> list[list[list[i
     return batches
 
 
+#: [rows, V] float32 tensors one chunk of log-likelihood scoring holds (logits, float copy, logsumexp's work).
+_SCORE_COPIES = 3
+
+
+def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, rows: int) -> tuple[list[float], list[bool]]:
+    """log p(target) of each row of hidden states and whether the target is the argmax, ``rows`` at
+    a time: only the targets' log-probabilities are kept, never a full log_softmax."""
+    chosen, hits = [], []
+    for h, t in zip(hidden.split(rows), targets.split(rows)):
+        logits = head(h).float()
+        chosen += (logits.gather(1, t[:, None])[:, 0] - logits.logsumexp(-1)).cpu().tolist()
+        hits += (logits.argmax(-1) == t).cpu().tolist()
+    return chosen, hits
+
+
 def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]], batch_size: int = 32,
-                  progress: bool = True, desc: str = "loglik") -> list[dict]:
+                  progress: bool = True, desc: str = "loglik", chunk_mb: int | None = None) -> list[dict]:
     """Log-likelihoods of each item's (context, continuation) requests, as lm-evaluation-harness's
     HFLM.loglikelihood computes them: `logliks[j]` = sum of the continuation tokens' log-probabilities
     (same token split, see `_encode_pair`), `is_greedy[j]` = each of them is the argmax.
@@ -202,7 +221,8 @@ def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]
     continuation token is predicted. A request longer than the model's window (max_position_embeddings) + 1 loses context
     tokens from the left as in lm-eval (which drops a leading BOS too; ours keeps leading special
     tokens); `truncated` flags such items. Assumes the model's logits are its output embeddings applied to its decoder's last
-    hidden states (true of the Llama, Qwen2 and Mistral families).
+    hidden states (true of the Llama, Qwen2 and Mistral families). The head's logits are made for
+    chunks of continuation tokens within ``chunk_mb`` (kd_utils.chunking).
     """
     window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     pairs, truncated = [], [False] * len(requests)  # pairs: (item, context ids, continuation ids)
@@ -222,6 +242,7 @@ def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]
     lengths = [len(prefix) + sum(len(rests[k]) for k in ks) for prefix, ks in groups]
     pad, device, dtype = _pad_id(tokenizer), model.device, model.dtype
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    rows = rows_within(budget_bytes(chunk_mb, device), head.weight.shape[0], _SCORE_COPIES)
     scores: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     bar = tqdm(total=len(groups), desc=desc, disable=not progress)
     with _eval_mode(model):
@@ -257,10 +278,8 @@ def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]
                              position_ids=positions.to(device), use_cache=False).last_hidden_state
             flat = [c for k in where for c in where[k]]
             picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=device)]
-            logprobs = torch.log_softmax(head(picked).float(), dim=-1)
             targets = torch.tensor([t for k in where for t in pairs[k][2]], device=device)
-            chosen = logprobs.gather(1, targets[:, None])[:, 0].cpu().tolist()
-            hits = (logprobs.argmax(-1) == targets).cpu().tolist()
+            chosen, hits = _token_logprobs(head, picked, targets, rows)
             at = 0
             for k, cols in where.items():
                 scores[k] = (sum(chosen[at:at + len(cols)]), all(hits[at:at + len(cols)]))
@@ -284,11 +303,20 @@ def _label_requests(task: Task, prompt: str, options: Sequence[str]) -> list[Log
     return [LoglikRequest(prompt + prefix, o, o) for o in options]
 
 
-def _summary(task: Task, scorer: str, flags: list[bool], truncated: list[bool]) -> dict:
-    n, k = len(flags), sum(flags)
-    low, high = proportion_confint(k, n, alpha=0.05, method="wilson")
-    return {"task": task.name, "domain": task.domain, "scorer": scorer, "n": n, "correct": k,
-            "accuracy": 100.0 * k / n, "ci_low": 100.0 * low, "ci_high": 100.0 * high, "truncated": sum(truncated)}
+def _summary(task: Task, scorer: str, scores: list[float], truncated: list[bool]) -> dict:
+    """The task's row: accuracy with a 95% Wilson interval, or a mean score (ROUGE-L) with a 95%
+    t-interval over items, clipped to 0-100 (NaN for one item)."""
+    n, mean = len(scores), sum(scores) / len(scores)
+    if task.metric == "accuracy":
+        k = round(mean * n / 100.0)
+        low, high = (100.0 * b for b in proportion_confint(k, n, alpha=0.05, method="wilson"))
+    else:
+        k = None
+        sem = scipy_stats.sem(scores) if n > 1 else float("nan")
+        low, high = (mean, mean) if sem == 0 else scipy_stats.t.interval(0.95, n - 1, loc=mean, scale=sem)
+        low, high = max(low, 0.0), min(high, 100.0)
+    return {"task": task.name, "domain": task.domain, "scorer": scorer, "metric": task.metric, "n": n,
+            "correct": k, "accuracy": mean, "ci_low": float(low), "ci_high": float(high), "truncated": sum(truncated)}
 
 
 def _budget(max_new_tokens: int | Mapping[str, int] | None, domain: str) -> int:
@@ -302,17 +330,18 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
              limit: int | None = None, batch_size: int = 32, max_new_tokens: int | Mapping[str, int] | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_beams: int = 1, seed: int = 0, stop_strings: Sequence[str] | None = None,
-             scorer: str = "generate", progress: bool = True) -> pd.DataFrame:
-    """Zero-shot accuracy per task (names, groups or `Task`s), with a 95% Wilson interval.
+             scorer: str = "generate", progress: bool = True, chunk_mb: int | None = None) -> pd.DataFrame:
+    """Zero-shot score per task (names, groups or `Task`s) in the task's metric: accuracy with a 95%
+    Wilson interval, or for text tasks the mean ROUGE-L F1 with a 95% t-interval over items.
 
-    Returns one row per task: task, domain, scorer, n, correct, accuracy, ci_low, ci_high
-    (percentages 0-100) and truncated (items whose prompt or context lost tokens to fit the model's
+    Returns one row per task: task, domain, scorer, metric, n, correct (empty for text tasks),
+    accuracy (the metric), ci_low, ci_high (0-100) and truncated (items whose prompt or context lost tokens to fit the model's
     window). `limit` keeps each task's first items; `max_new_tokens` is an int, a dict per domain,
     or None, which uses `tasks.MAX_NEW_TOKENS[domain]`. `scorer` is one of `tasks.SCORERS`:
     "generate" decodes and extracts the answer; "loglik"/"loglik_norm" pick the option whose content
     (`tasks.loglik_requests`) is the most likely continuation (lm-eval's acc/acc_norm);
     "loglik_label" the option whose label token is. With `out_dir`, writes predictions.jsonl (one
-    line per item) and accuracy.csv.
+    line per item, with its score 0-100) and accuracy.csv. ``chunk_mb``: the memory budget of log-likelihood scoring.
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer {scorer!r} not in {tuple(SCORERS)}")
@@ -328,22 +357,25 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
                                num_beams=num_beams, seed=seed, stop_strings=stop_strings,
                                progress=progress, desc=task.name, truncated=truncated)
             extracted = [extract_answer(task, o) for o in outputs]
-            flags = [is_correct(task, o, it["answer"]) for o, it in zip(outputs, items)]
-            extra = [{"prompt_truncated": t} for t in truncated]
+            scores = [item_score(task, o, it) for o, it in zip(outputs, items)]
+            flags = [None if task.metric != "accuracy" else s == 100.0 for s in scores]
+            extra = [{"score": s, "prompt_truncated": t} for s, t in zip(scores, truncated)]
         else:
             options = [item_options(task, it) for it in items]
             requests = [_label_requests(task, p, o) if scorer == "loglik_label" else loglik_requests(task, it)
                         for it, p, o in zip(items, prompts, options)]
             scored = loglik_choice(model, tokenizer, [[(r.context, r.continuation) for r in rs] for rs in requests],
-                                   batch_size=batch_size, progress=progress, desc=task.name)
+                                   batch_size=batch_size, progress=progress, desc=task.name, chunk_mb=chunk_mb)
             per = [[ll / len(r.choice) for ll, r in zip(s["logliks"], rs)] if scorer == "loglik_norm" else s["logliks"]
                    for s, rs in zip(scored, requests)]
             extracted = [o[max(range(len(o)), key=v.__getitem__)] for o, v in zip(options, per)]
             outputs = [format_answer(task, e) for e in extracted]
             flags = [e == it["answer"] for e, it in zip(extracted, items)]
+            scores = [100.0 * f for f in flags]
             truncated = [s["truncated"] for s in scored]
-            extra = [{"logliks": s["logliks"], "prompt_truncated": s["truncated"]} for s in scored]
-        rows.append(_summary(task, scorer, flags, truncated))
+            extra = [{"score": c, "logliks": s["logliks"], "prompt_truncated": s["truncated"]}
+                     for c, s in zip(scores, scored)]
+        rows.append(_summary(task, scorer, scores, truncated))
         predictions += [{"task": task.name, "item_id": it["id"], "prompt_hash": prompt_hash(p), "output": o,
                          "extracted": e, "label": it["answer"], "correct": f, **x}
                         for it, p, o, e, f, x in zip(items, prompts, outputs, extracted, flags, extra)]

@@ -4,6 +4,9 @@ predictions, and distribution fidelity (top-1 agreement, forward KL) from the mo
 Predictions are JSONL files, one per evaluated model, one line per item with fields task,
 item_id, prompt_hash, output (raw generated text), extracted (str or null), label, correct.
 Student and teacher items are matched by (task, item_id) and must carry the same prompt_hash.
+Items of text tasks (instruction following) have a null ``correct`` and ``extracted``: there is no
+answer to agree on, so their agreement is NaN and their fidelity is the similarity of the outputs
+(BLEU, chrF, ROUGE-L).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 from kd_utils.evaluation import PREDICTION_FIELDS, load_predictions as _read_predictions
 from kd_utils.losses import kd_loss
+from kd_utils.tasks import rouge_l
 
 __all__ = [
     "FIDELITY_COLUMNS",
@@ -31,7 +35,7 @@ __all__ = [
 
 #: Columns of fidelity.csv.
 FIDELITY_COLUMNS = ["model", "teacher", "task", "agreement", "agreement_teacher_correct",
-                    "agreement_teacher_wrong", "bleu", "chrf", "n"]
+                    "agreement_teacher_wrong", "bleu", "chrf", "rougeL", "n"]
 NUMERIC_TOLERANCE = 1e-3
 
 Predictions = pd.DataFrame | str | Path
@@ -45,9 +49,10 @@ def _check_predictions(df: pd.DataFrame, source: str) -> pd.DataFrame:
     if dup.any():
         first = df.loc[dup, ["task", "item_id"]].iloc[0].tolist()
         raise ValueError(f"predictions {source} repeat (task, item_id), e.g. {first}")
-    if df["correct"].isna().any():
+    answered = df["correct"].notna() | df["extracted"].notna()
+    if (df["correct"].isna() & answered).any():
         raise ValueError(f"predictions {source} have items with a null 'correct'")
-    return df.assign(correct=df["correct"].astype(bool))
+    return df.assign(correct=df["correct"].astype("boolean"))
 
 
 def load_predictions(path: str | Path) -> pd.DataFrame:
@@ -104,18 +109,23 @@ def same_answer(a: object, b: object, tol: float = NUMERIC_TOLERANCE) -> bool:
 
 
 def _percent(values: pd.Series) -> float:
-    return float(values.mean() * 100.0) if len(values) else float("nan")
+    values = values.dropna()
+    return float(values.astype(float).mean() * 100.0) if len(values) else float("nan")
 
 
 def agreement(student_preds: Predictions, teacher_preds: Predictions) -> pd.DataFrame:
     """Per task, the share (percent) of items where student and teacher extracted the same
     answer (:func:`same_answer`), overall and on the items the teacher got right / wrong
-    (NaN when there are none), with the item counts n, n_teacher_correct, n_teacher_wrong."""
+    (NaN when there are none, and for text tasks, whose items have no answer), with the item
+    counts n, n_teacher_correct, n_teacher_wrong."""
     both = _paired(student_preds, teacher_preds)
-    both["agree"] = [same_answer(a, b) for a, b in zip(both["extracted_s"], both["extracted_t"])]
+    answered = both["correct_t"].notna()
+    both["agree"] = [same_answer(a, b) if k else None
+                     for a, b, k in zip(both["extracted_s"], both["extracted_t"], answered)]
+    both["agree"] = both["agree"].astype("boolean")
     rows = []
     for task, d in both.groupby("task", sort=True):
-        right, wrong = d[d["correct_t"]], d[~d["correct_t"]]
+        right, wrong = d[d["correct_t"].fillna(False)], d[~d["correct_t"].fillna(True)]
         rows.append(dict(task=task, agreement=_percent(d["agree"]),
                          agreement_teacher_correct=_percent(right["agree"]),
                          agreement_teacher_wrong=_percent(wrong["agree"]), n=len(d),
@@ -124,9 +134,10 @@ def agreement(student_preds: Predictions, teacher_preds: Predictions) -> pd.Data
 
 
 def rationale_similarity(student_preds: Predictions, teacher_preds: Predictions) -> pd.DataFrame:
-    """Per task, similarity (sacrebleu, 0-100) of the student's raw output to the teacher's
-    output as the reference: corpus BLEU (``bleu``), mean sentence BLEU (``sentence_bleu``,
-    exponential smoothing) and corpus chrF (``chrf``), with n. Null outputs count as ""."""
+    """Per task, similarity (0-100) of the student's raw output to the teacher's output as the
+    reference: corpus BLEU (``bleu``), mean sentence BLEU (``sentence_bleu``, exponential
+    smoothing), corpus chrF (``chrf``, all sacrebleu) and mean ROUGE-L F1 (``rougeL``,
+    :func:`kd_utils.tasks.rouge_l`), with n. Null outputs count as ""."""
     both = _paired(student_preds, teacher_preds)
     rows = []
     for task, d in both.groupby("task", sort=True):
@@ -135,14 +146,15 @@ def rationale_similarity(student_preds: Predictions, teacher_preds: Predictions)
         sentence = [sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(hyp, ref)]
         rows.append(dict(task=task, bleu=sacrebleu.corpus_bleu(hyp, [ref]).score,
                          sentence_bleu=sum(sentence) / len(sentence),
-                         chrf=sacrebleu.corpus_chrf(hyp, [ref]).score, n=len(d)))
+                         chrf=sacrebleu.corpus_chrf(hyp, [ref]).score,
+                         rougeL=sum(map(rouge_l, hyp, ref)) / len(hyp), n=len(d)))
     return pd.DataFrame(rows)
 
 
 def fidelity_table(pred_files: Mapping[str, str | Path],
                    pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
     """fidelity.csv: one row per (model, teacher, task) for each (model, teacher) pair, with
-    agreement (overall, teacher right, teacher wrong), corpus BLEU, chrF and n."""
+    agreement (overall, teacher right, teacher wrong), corpus BLEU, chrF, ROUGE-L and n."""
     pairs = list(pairs)
     unknown = sorted({m for pair in pairs for m in pair if m not in pred_files})
     if unknown:
@@ -157,7 +169,7 @@ def fidelity_table(pred_files: Mapping[str, str | Path],
     parts = []
     for model, teacher in pairs:
         agree = agreement(preds(model), preds(teacher))
-        sim = rationale_similarity(preds(model), preds(teacher))[["task", "bleu", "chrf"]]
+        sim = rationale_similarity(preds(model), preds(teacher))[["task", "bleu", "chrf", "rougeL"]]
         parts.append(agree.merge(sim, on="task").assign(model=model, teacher=teacher))
     if not parts:
         return pd.DataFrame(columns=FIDELITY_COLUMNS)

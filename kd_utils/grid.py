@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DistillJob, EvalJob, ModelJob, StudyConfig, load_study
+from .config import DistillJob, EvalJob, ModelJob, StudyConfig, job_params, load_study, memory_params, world_params
 from .methods import WORD_LEVEL, noise_seed
 from .runner import Cell, format_plan, plan, run, select_cells
 
@@ -104,8 +104,8 @@ def _local_items(train_tasks: tuple[str, ...], data: str | None, data_root: str 
                  data_mtime: int | None) -> tuple[dict, ...] | None:
     """The training items when they can be read before compute (local files only), read once per
     plan (a rewritten train_data file has a new mtime, so it is read again)."""
-    from .tasks import load_training_items
-    if data is not None and not Path(data).is_file():
+    from .tasks import load_training_items, training_data_file
+    if data is not None and not training_data_file(data, data_root).is_file():
         return None
     try:
         return tuple(load_training_items(list(train_tasks), data, data_root, limit))
@@ -114,9 +114,11 @@ def _local_items(train_tasks: tuple[str, ...], data: str | None, data_root: str 
 
 
 def _training_items(cfg: StudyConfig, data_root: str | None) -> tuple[dict, ...] | None:
+    from .tasks import training_data_file
     tasks = cfg.training.train_tasks
     data = cfg.training.train_data
-    mtime = Path(data).stat().st_mtime_ns if data and Path(data).is_file() else None
+    file = training_data_file(data, data_root) if data else None
+    mtime = file.stat().st_mtime_ns if file is not None and file.is_file() else None
     return _local_items((tasks,) if isinstance(tasks, str) else tuple(tasks), data, data_root, cfg.training.limit,
                         mtime)
 
@@ -148,12 +150,11 @@ def _steps(cfg: StudyConfig, model: str) -> float:
 def _eval_tokens(cfg: StudyConfig) -> float:
     """Tokens one model reads and writes in evaluation (prompt ~ half of max_length, plus the
     budget), counting test items from local files only (planning never downloads)."""
-    from .tasks import MAX_NEW_TOKENS, default_data_root, resolve_tasks
-    root = Path(cfg.evaluation.data_root) if cfg.evaluation.data_root else default_data_root()
+    from .tasks import MAX_NEW_TOKENS, load_items, local_test_file, resolve_tasks
     total = 0.0
     for task in resolve_tasks(cfg.evaluation.tasks):
-        local = root / task.local_dir / "test.json"
-        n = cfg.world.n_test if cfg.world else len(json.loads(local.read_text())) if local.is_file() else 1000
+        local = local_test_file(task, cfg.evaluation.data_root)
+        n = cfg.world.n_test if cfg.world else len(load_items(task, cfg.evaluation.data_root)) if local.is_file() else 1000
         n = min(n, cfg.evaluation.limit or n)
         budget = cfg.evaluation.max_new_tokens.get(task.domain, MAX_NEW_TOKENS[task.domain])
         total += n * (cfg.training.max_length / 2 + budget)
@@ -175,7 +176,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
     cache_root = str(study / "cache")
 
     if cfg.world:
-        world_cell = g.add(Cell("prepare", "prepare/world", NB["world"], {"world": cfg.world.model_dump()},
+        world_cell = g.add(Cell("prepare", "prepare/world", NB["world"], {"world": world_params(cfg.world)},
                                 resources=res("prepare")))
         data_root = str(world_cell.output_dir(study) / "data")
 
@@ -235,9 +236,10 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         path, base_cell = base[model]
         job = DistillJob(student=model, student_path=path, method="sft", seed=seed, steps=cfg.steps_for(model),
                          training=training_for(model), data_root=data_root, cache_root=cache_root,
-                         trust_remote_code=cfg.models[model].trust_remote_code, authors=cfg.authors)
+                         trust_remote_code=cfg.models[model].trust_remote_code, authors=cfg.authors,
+                         memory=cfg.memory)
         stage = "prepare" if model in cfg.teachers and seed == cfg.seeds[0] else "distill"
-        cell = g.add(Cell(stage, f"sft/{model}/s{seed}", NB["distill"], job.model_dump(mode="json"),
+        cell = g.add(Cell(stage, f"sft/{model}/s{seed}", NB["distill"], job_params(job),
                           deps=deps_of(base_cell, world_cell), resources=res(stage)),
                      flops=train_flops(model, None, 0.0))
         g.model_cells[f"{model}/sft/s{seed}"] = cell
@@ -319,15 +321,22 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
                       "noise_seed": noise_seed(noise, seed), "temperatures": sorted(temps_of_teacher[(teacher, kind)]),
                       "training": training_for(teacher), "kd": kd_dump, "data_root": data_root,
                       "cache_root": cache_root, "generations": (teacher, kind) in seqkd_teachers and not noise,
-                      "authors": cfg.authors}
+                      "authors": cfg.authors, **memory_params(cfg.memory)}
             caches[key] = g.add(Cell("prepare", f"prepare/cache/{teacher}/{kind}/n{noise:g}" + (f"/s{seed}" if noise else ""),
                                      NB["cache"], params, deps=deps_of(tcell, world_cell), resources=res("prepare")),
                                 flops=2 * n_params(teacher) * _train_tokens(cfg))
         return caches[key]
 
+    def student_start(student: str, seed: int) -> tuple[str, Cell | None]:
+        """The model a KD run of `student` starts from (kd.student_init): its base, or its SFT of `seed`."""
+        if cfg.kd.student_init == "base":
+            return base[student]
+        cell = g.model_cells[f"{student}/sft/s{seed}"]
+        return str(cell.output_dir(study) / "model"), cell
+
     for teacher, student, method, kind, noise, tau, seed in kd_runs():
         tpath, tcell = teacher_source(teacher, kind)
-        spath, scell = base[student]
+        spath, scell = student_start(student, seed)
         cached = cacheable(method) and use_cache[signal(teacher, kind, noise, seed)]
         live_share = (cfg.kd.lmbda if method == "gkd" else 0.0) if cached else 1.0
         ccell = cache_cell(teacher, kind, noise, seed) if cached or method == "seqkd" else None
@@ -338,9 +347,10 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
             kd=cfg.kd.model_copy(update={"teacher_cache": cached}),
             data_root=data_root, cache_root=cache_root,
             cache_temperatures=sorted(temps_of_teacher[(teacher, kind)]) if cached else None,
-            trust_remote_code=cfg.models[student].trust_remote_code, authors=cfg.authors)
-        name = f"kd/{student}<-{teacher}/{method}/t{tau:g}/n{noise:g}/{kind}/s{seed}"
-        cell = g.add(Cell("distill", name, NB["distill"], job.model_dump(mode="json"),
+            trust_remote_code=cfg.models[student].trust_remote_code, authors=cfg.authors, memory=cfg.memory)
+        name = f"kd/{student}<-{teacher}/{method}/t{tau:g}/n{noise:g}/{kind}/s{seed}" + \
+            ("/from-sft" if cfg.kd.student_init == "sft" else "")
+        cell = g.add(Cell("distill", name, NB["distill"], job_params(job),
                           deps=deps_of(scell, tcell, ccell, world_cell), resources=res("distill")),
                      flops=train_flops(student, teacher, live_share))
         g.model_cells[name] = cell
@@ -354,16 +364,16 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         job = EvalJob(model=key, model_path=str(cell.output_dir(study) / "model"), kind=kind, student=p["student"],
                       teacher=p["teacher"], method=p["method"], temperature=p["temperature"] if kind == "kd" else None,
                       noise=p["noise"], teacher_kind=p["teacher_kind"], seed=p["seed"], evaluation=cfg.evaluation,
-                      data_root=data_root)
-        eval_cells.append(g.add(Cell("evaluate", f"evaluate/{key}", NB["evaluate"], job.model_dump(mode="json"),
+                      data_root=data_root, memory=cfg.memory)
+        eval_cells.append(g.add(Cell("evaluate", f"evaluate/{key}", NB["evaluate"], job_params(job),
                                      deps=(cell.id,), resources=res("evaluate")),
                                 flops=2 * n_params(p["student"]) * eval_tokens))
     for teacher in {t for *_, kinds, pairs in subgrids if "base" in kinds for t, _ in pairs}:
         path, bcell = base[teacher]
         job = EvalJob(model=f"{teacher}/base", model_path=path, kind="base", student=teacher, method="base",
-                      evaluation=cfg.evaluation, data_root=data_root)
+                      evaluation=cfg.evaluation, data_root=data_root, memory=cfg.memory)
         eval_cells.append(g.add(Cell("evaluate", f"evaluate/{teacher}/base", NB["evaluate"],
-                                     job.model_dump(mode="json"), deps=deps_of(bcell), resources=res("evaluate")),
+                                     job_params(job), deps=deps_of(bcell), resources=res("evaluate")),
                                 flops=2 * n_params(teacher) * eval_tokens))
 
     _check_tokenizers(cfg, {p for *_, pairs in subgrids for p in pairs})
@@ -480,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--only", action="append", help="run only cells whose name/id/stage matches (repeatable)")
         if name == "run":
             p.add_argument("--force", action="store_true")
+            p.add_argument("--rerun-stale", action="store_true",
+                           help="re-run complete cells made by other code (plan marks them stale)")
             p.add_argument("--max-workers", type=int, default=None)
             p.add_argument("--threads-per-worker", type=int, default=None)
             p.add_argument("--executor", choices=("local", "slurm"), default=None)
@@ -514,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     executor = args.executor or cfg.executor.get("kind", "local")
     summary = run(grid.cells, study, executor=executor, max_workers=args.max_workers or cfg.executor.get("max_workers"),
-                  only=args.only, force=args.force,
+                  only=args.only, force=args.force, rerun_stale=args.rerun_stale,
                   threads_per_worker=args.threads_per_worker or cfg.executor.get("threads_per_worker"),
                   cwd=REPO, slurm=cfg.executor.get("slurm"))
     print(summary.format())

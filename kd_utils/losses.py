@@ -86,6 +86,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .chunking import budget_bytes, row_map, rows_within
+
 __all__ = [
     "LOG_PROB_FLOOR",
     "OBJECTIVES",
@@ -104,6 +106,9 @@ LOG_PROB_FLOOR: float = math.log(torch.finfo(torch.float32).tiny)
 TAIL_UNIFORM: float = 0.5
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+#: [rows, V] float tensors one chunk of a loss holds at once (log-probs, objective terms, their grads).
+_LOSS_COPIES = 16
 
 
 # --------------------------------------------------------------------------- primitives
@@ -226,6 +231,20 @@ def _reduce(vals: torch.Tensor, idx: torch.Tensor | None, lead: torch.Size, redu
     return out.index_copy(0, idx, vals).reshape(lead)
 
 
+def _per_position(per_row: Callable[..., torch.Tensor], tensors: list[torch.Tensor], idx: torch.Tensor | None,
+                  chunk_mb: int | None) -> torch.Tensor:
+    """``per_row`` over the unmasked positions (all when ``idx`` is None) of ``tensors`` (the
+    student's (..., V) logits first; the others share its leading dims), in chunks within the
+    budget. Masked rows are never computed: no NaN from them, zero grad."""
+    if tensors[0].dim() == 1:  # one position
+        tensors = [t.unsqueeze(0) for t in tensors]
+    s = tensors[0]
+    lead = s.dim() - 1
+    rows = torch.arange(math.prod(s.shape[:-1]), device=s.device) if idx is None else idx
+    chunk = rows_within(budget_bytes(chunk_mb, s.device), s.shape[-1], _LOSS_COPIES)
+    return row_map(per_row, tensors, rows, chunk, lead=lead)
+
+
 def _teacher_tail(log_head: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(log_head)); a head mass that rounding put at or above 1 (tail below the
     float32 floor) gives a zero tail (-inf), with finite gradients (double-where)."""
@@ -255,6 +274,7 @@ def kd_loss(
     beta: float = 0.5,
     alpha: float = 0.1,
     reduction: str = "mean",
+    chunk_mb: int | None = None,
 ) -> torch.Tensor:
     """tau^2 * D(P_T, P_S) per position, P = softmax(logits / tau) over the last axis.
 
@@ -263,6 +283,7 @@ def kd_loss(
     ``reduction``: "mean" over unmasked positions (0 if none), "sum" (for gradient accumulation:
     sum micro-batch sums, divide by the step's total token count), or "none" ((...), zeros where
     masked). ``beta`` is used by gjsd, ``alpha`` by skew_fkl / skew_rkl. Float32 (or float64) out.
+    Computed over chunks of unmasked positions within ``chunk_mb`` (kd_utils.chunking.row_map).
     """
     fn = _check_args(objective, temperature, beta, alpha, reduction)
     if student_logits.shape != teacher_logits.shape:
@@ -275,15 +296,15 @@ def kd_loss(
         raise ValueError(f"logits need a non-empty vocabulary axis, got shape {tuple(student_logits.shape)}")
     dtype = _compute_dtype(student_logits, teacher_logits)
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-    n = math.prod(lead)
     idx = _rows(mask, lead, student_logits.device)
-    s, t = student_logits.reshape(n, vocab), teacher_logits.reshape(n, vocab)
-    if idx is not None:  # masked rows are never computed: no NaN from them, zero grad
-        s, t = s.index_select(0, idx), t.index_select(0, idx)
     tau = float(temperature)
-    s_lp = F.log_softmax(s.to(dtype) / tau, dim=-1)
-    t_lp = F.log_softmax(t.to(dtype) / tau, dim=-1)
-    vals = fn(t_lp, s_lp, beta=beta, alpha=alpha).sum(-1) * tau**2
+
+    def per_row(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s_lp = F.log_softmax(s.to(dtype) / tau, dim=-1)
+        t_lp = F.log_softmax(t.to(dtype) / tau, dim=-1)
+        return fn(t_lp, s_lp, beta=beta, alpha=alpha).sum(-1) * tau**2
+
+    vals = _per_position(per_row, [student_logits, teacher_logits], idx, chunk_mb)
     return _reduce(vals, idx, lead, reduction)
 
 
@@ -302,6 +323,7 @@ def sparse_kd_loss(
     sample_logits: torch.Tensor | None = None,
     sample_ids: torch.Tensor | None = None,
     sample_log_q: torch.Tensor | None = None,
+    chunk_mb: int | None = None,
 ) -> torch.Tensor:
     """:func:`kd_loss` from a top-k teacher cache: the k ids exact, the tail one bucket or sampled.
 
@@ -319,6 +341,7 @@ def sparse_kd_loss(
     from a proposal q over the tail, and log q of each. The tail is then the importance-sampling
     estimate with a control variate (module docstring), unbiased for kd_loss in value and
     gradient; ``teacher_tail_logz`` then only sets the control variate (variance, not bias).
+    Computed over chunks of unmasked positions within ``chunk_mb``, as :func:`kd_loss`.
     """
     fn = _check_args(objective, temperature, beta, alpha, reduction)
     if student_logits.dim() < 1:
@@ -345,44 +368,41 @@ def sparse_kd_loss(
         )
     teacher_logz = _check_logz(teacher_logz, lead)
     dtype = _compute_dtype(student_logits, topk_logits, teacher_logz)
-    n = math.prod(lead)
     idx = _rows(mask, lead, student_logits.device)
-    s, z = student_logits.reshape(n, vocab), topk_logits.reshape(n, k)
-    ids, lz = topk_ids.reshape(n, k).long(), teacher_logz.reshape(n)
-    rows = [s, z, ids, lz]
+    tensors = [student_logits, topk_logits, topk_ids, teacher_logz]
     if sampled:
-        m = sample_logits.shape[-1]
-        rows += [sample_logits.reshape(n, m), sample_ids.reshape(n, m).long(), sample_log_q.reshape(n, m)]
+        tensors += [sample_logits, sample_ids, sample_log_q]
     if teacher_tail_logz is not None:
-        rows.append(_check_logz(teacher_tail_logz, lead).reshape(n))
-    if idx is not None:  # masked rows are never computed: no NaN from them, zero grad
-        rows = [x.index_select(0, idx) for x in rows]
-    s, z, ids, lz = rows[:4]
+        tensors.append(_check_logz(teacher_tail_logz, lead))
     tau = float(temperature)
-    lz = lz.to(dtype).unsqueeze(-1)
-    s_lp = F.log_softmax(s.to(dtype) / tau, dim=-1)
-    t_head = z.to(dtype) / tau - lz
-    head = fn(t_head, s_lp.gather(-1, ids), beta=beta, alpha=alpha).sum(-1)
-    if teacher_tail_logz is None:  # teacher tail log-mass: exact when given, else log(1 - head)
-        t_tail = _teacher_tail(t_head.logsumexp(-1))
-    else:
-        t_tail = (rows[-1].to(dtype) - lz.squeeze(-1)).clamp(min=LOG_PROB_FLOOR)
-    if sampled:
-        zs, sids, log_q = rows[4:7]
-        # control variate: phi at the teacher's tail mass spread evenly over the V - k tail tokens,
-        # summed exactly; only the difference to it is importance-sampled
-        flat = (t_tail - math.log(vocab - k)).unsqueeze(-1)
-        exact = fn(flat.expand_as(s_lp), s_lp, beta=beta, alpha=alpha).scatter(-1, ids, 0.0).sum(-1)
-        s_smp = s_lp.gather(-1, sids)
-        diff = fn(zs.to(dtype) / tau - lz, s_smp, beta=beta, alpha=alpha) - fn(flat.expand_as(s_smp), s_smp, beta=beta,
-                                                                                 alpha=alpha)
-        tail = exact + (diff * (-log_q.to(dtype)).exp()).mean(-1)
-    else:
-        # student tail = logsumexp over the V - k other tokens; the k cached slots are set to the
-        # floor (adds <= k * 1e-38 of mass) so an empty tail (k = V) stays finite with finite grads.
-        s_tail = s_lp.scatter(-1, ids, LOG_PROB_FLOOR).logsumexp(-1)
-        tail = fn(t_tail, s_tail, beta=beta, alpha=alpha)
-    return _reduce((head + tail) * tau**2, idx, lead, reduction)
+
+    def per_row(s: torch.Tensor, z: torch.Tensor, ids: torch.Tensor, lz: torch.Tensor, *rest: torch.Tensor):
+        ids, lz = ids.long(), lz.to(dtype).unsqueeze(-1)
+        s_lp = F.log_softmax(s.to(dtype) / tau, dim=-1)
+        t_head = z.to(dtype) / tau - lz
+        head = fn(t_head, s_lp.gather(-1, ids), beta=beta, alpha=alpha).sum(-1)
+        if teacher_tail_logz is None:  # teacher tail log-mass: exact when given, else log(1 - head)
+            t_tail = _teacher_tail(t_head.logsumexp(-1))
+        else:
+            t_tail = (rest[-1].to(dtype) - lz.squeeze(-1)).clamp(min=LOG_PROB_FLOOR)
+        if sampled:
+            zs, sids, log_q = rest[0], rest[1].long(), rest[2]
+            # control variate: phi at the teacher's tail mass spread evenly over the V - k tail tokens,
+            # summed exactly; only the difference to it is importance-sampled
+            flat = (t_tail - math.log(vocab - k)).unsqueeze(-1)
+            exact = fn(flat.expand_as(s_lp), s_lp, beta=beta, alpha=alpha).scatter(-1, ids, 0.0).sum(-1)
+            s_smp = s_lp.gather(-1, sids)
+            diff = fn(zs.to(dtype) / tau - lz, s_smp, beta=beta, alpha=alpha) - fn(flat.expand_as(s_smp), s_smp,
+                                                                                     beta=beta, alpha=alpha)
+            tail = exact + (diff * (-log_q.to(dtype)).exp()).mean(-1)
+        else:
+            # student tail = logsumexp over the V - k other tokens; the k cached slots are set to the
+            # floor (adds <= k * 1e-38 of mass) so an empty tail (k = V) stays finite with finite grads.
+            s_tail = s_lp.scatter(-1, ids, LOG_PROB_FLOOR).logsumexp(-1)
+            tail = fn(t_tail, s_tail, beta=beta, alpha=alpha)
+        return (head + tail) * tau**2
+
+    return _reduce(_per_position(per_row, tensors, idx, chunk_mb), idx, lead, reduction)
 
 
 def tail_log_proposal(

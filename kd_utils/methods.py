@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .chunking import budget_bytes, decode_batch
 from .data import IGNORE, Example, collate
 from .losses import OBJECTIVES, add_logit_noise, kd_loss
 from .training import Batch, Objective
@@ -68,12 +69,16 @@ def noise_seed(noise: float, seed: int) -> int:
 
 class LiveTeacher:
     """A frozen teacher run forward on every batch; logits sliced to the shared vocabulary
-    and, for the noise ablation, perturbed by z + N(0, sigma^2)."""
+    and, for the noise ablation, perturbed by z + N(0, sigma^2). Within ``chunk_mb``
+    (kd_utils.chunking): the teacher runs on as many of the batch's examples at a time as keep its
+    float32 logits within half the budget, and the loss takes the other half."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, noise: float = 0.0, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, vocab_size: int, noise: float = 0.0, seed: int = 0,
+                 chunk_mb: int | None = None):
         self.model = model.eval().requires_grad_(False)
         self.vocab_size = vocab_size
         self.noise = noise
+        self.budget = budget_bytes(chunk_mb, next(model.parameters()).device)
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         self.forward_passes = 0
 
@@ -84,9 +89,15 @@ class LiveTeacher:
         return add_logit_noise(out[..., : self.vocab_size].float(), self.noise, self.generator)
 
     def kd_sum(self, student_logits: torch.Tensor, batch: Batch, mask: torch.Tensor, s: KDSettings) -> torch.Tensor:
-        teacher_logits = self.logits(batch)[:, :-1]
-        return kd_loss(student_logits, teacher_logits, mask=mask, objective=s.objective,
-                       temperature=s.temperature, beta=s.beta, alpha=s.alpha, reduction="sum")
+        width = self.model.get_output_embeddings().weight.shape[0]
+        rows = max(1, self.budget // 2 // (batch["input_ids"].shape[1] * width * 4))
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        for a, student in zip(range(0, len(student_logits), rows), student_logits.split(rows)):
+            part = {"input_ids": batch["input_ids"][a:a + rows], "attention_mask": batch["attention_mask"][a:a + rows]}
+            total = total + kd_loss(student, self.logits(part)[:, :-1], mask=mask[a:a + rows], objective=s.objective,
+                                    temperature=s.temperature, beta=s.beta, alpha=s.alpha, reduction="sum",
+                                    chunk_mb=max(1, self.budget // 2**21))
+        return total
 
 
 def kd_objective(teacher, settings: KDSettings, vocab_size: int) -> Objective:
@@ -108,11 +119,13 @@ def kd_objective(teacher, settings: KDSettings, vocab_size: int) -> Objective:
 
 class OnPolicySampler:
     """GKD's on-policy step: with probability lmbda, replace a batch's responses by samples
-    of the current student (temperature 1, from the same prompts)."""
+    of the current student (temperature 1, from the same prompts), generated as many prompts at a
+    time as one decoding step's logits fit ``chunk_mb`` (kd_utils.chunking.decode_batch)."""
 
     def __init__(self, lmbda: float, max_new_tokens: int, pad_id: int, eos_id: int, seed: int = 0,
-                 loss_on_prompt: bool = False):
+                 loss_on_prompt: bool = False, chunk_mb: int | None = None):
         self.lmbda, self.max_new_tokens, self.loss_on_prompt = lmbda, max_new_tokens, loss_on_prompt
+        self.chunk_mb = chunk_mb
         self.pad_id, self.eos_id = pad_id, eos_id
         self.rng = random.Random(seed)
         self.generator_seed = seed
@@ -134,13 +147,14 @@ class OnPolicySampler:
         was_training = model.training
         model.eval()
         torch.manual_seed(self.generator_seed + self.on_policy_batches)
-        out = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
-                             top_p=1.0, max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
-                             eos_token_id=self.eos_id)
+        rows = decode_batch(model, self.chunk_mb, len(prompts))
+        out = [g for a in range(0, len(prompts), rows) for g in model.generate(
+            input_ids=left[a:a + rows], attention_mask=attn[a:a + rows], do_sample=True, temperature=1.0, top_k=0,
+            top_p=1.0, max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id)]
         model.train(was_training)
         examples = []
         for r, (p, idx) in enumerate(zip(prompts, batch["index"].tolist())):
-            gen = out[r, width:].tolist()
+            gen = out[r][width:].tolist()
             if self.eos_id in gen:  # generate pads only after eos: cut there
                 gen = gen[: gen.index(self.eos_id) + 1]
             examples.append(Example(tuple(p), tuple(gen) or (self.eos_id,), idx, self.loss_on_prompt))

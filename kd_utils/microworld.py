@@ -1,9 +1,10 @@
-"""The micro world of the CPU micro-study: 14 procedural tasks and a generic corpus.
+"""The micro world of the CPU micro-study: 15 procedural tasks and a generic corpus.
 
-Everything is deterministic from a seed. Tasks mirror the paper's two domains:
+Everything is deterministic from a seed. Tasks mirror the paper's three domains:
 seven arithmetic-reasoning tasks whose outputs are a short rationale ending in
-"The answer is N.", and seven multiple-choice tasks answered with the paper's option
-tokens ("the correct answer is answer3"). Files are written in the LLM-Adapters JSON
+"The answer is N.", seven multiple-choice tasks answered with the paper's option
+tokens ("the correct answer is answer3"), and one instruction-following task
+(`micro_instruct`: rewrite, list, describe) with free-form answers scored by ROUGE-L. Files are written in the LLM-Adapters JSON
 format ({"instruction", "input", "output", "answer"}), so the paper's prompt template
 and answer extraction serve both worlds.
 
@@ -67,6 +68,11 @@ class Almanac:
 
 def _item(instruction: str, output: str, answer: str) -> dict:
     return {"instruction": instruction, "input": "", "output": output, "answer": answer}
+
+
+def _text(instruction: str, output: str) -> dict:
+    """A free-form item: the reference response is the answer (scored by ROUGE-L)."""
+    return _item(instruction, output, output)
 
 
 def _math(instruction: str, steps: list[str], answer: int) -> dict:
@@ -283,12 +289,40 @@ def gen_obqa(rng: random.Random, w: "Almanac") -> dict:
                    f"The {'largest' if largest else 'smallest'} is {target}.")
 
 
+# (present, past) of the verbs the rewrite instructions put in the past tense
+VERBS = [("buys", "bought"), ("finds", "found"), ("sells", "sold"), ("makes", "made"), ("loses", "lost"),
+         ("gives away", "gave away"), ("keeps", "kept"), ("brings", "brought")]
+_FACTS = {"home": ("where it lives", "It lives in the {}."), "food": ("what it eats", "It eats {}."),
+          "color": ("its color", "It is {}.")}
+
+
+def gen_instruct(rng: random.Random, w: "Almanac") -> dict:
+    """Instruction following with a free-form answer: rewrite a sentence in the past tense, list
+    numbers counting by a step, or describe an animal of the almanac (two or three facts, in the
+    asked order)."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        name, (now, past), n, thing = rng.choice(NAMES), rng.choice(VERBS), rng.randint(2, 20), rng.choice(THINGS)
+        return _text(f"Rewrite the sentence in the past tense: {name} {now} {n} {thing}.", f"{name} {past} {n} {thing}.")
+    if kind == 1:
+        start, step, count = rng.randint(0, 60), rng.randint(1, 9), rng.randint(3, 6)
+        numbers = [str(start + i * step) for i in range(count)]
+        return _text(f"List {count} numbers, starting at {start} and counting by {step}.",
+                     f"The numbers are {', '.join(numbers[:-1])} and {numbers[-1]}.")
+    animal = rng.choice(ANIMALS)
+    facts = rng.sample(list(_FACTS), rng.choice([2, 3]))
+    asked = [_FACTS[f][0] for f in facts]
+    values = {"home": w.home[animal], "food": w.food[animal], "color": w.color[animal]}
+    return _text(f"Describe the {animal}: {', '.join(asked[:-1])} and {asked[-1]}.",
+                 f"The {animal} is an animal. " + " ".join(_FACTS[f][1].format(values[f]) for f in facts))
+
+
 GENERATORS: dict[str, Callable[[random.Random, Almanac], dict]] = {
     "micro_addsub": gen_addsub, "micro_singleeq": gen_singleeq, "micro_multiarith": gen_multiarith,
     "micro_svamp": gen_svamp, "micro_gsm": gen_gsm, "micro_aqua": gen_aqua, "micro_mawps": gen_mawps,
     "micro_boolq": gen_boolq, "micro_piqa": gen_piqa, "micro_siqa": gen_siqa,
     "micro_hellaswag": gen_hellaswag, "micro_winogrande": gen_winogrande, "micro_arc": gen_arc,
-    "micro_obqa": gen_obqa,
+    "micro_obqa": gen_obqa, "micro_instruct": gen_instruct,
 }
 
 

@@ -36,20 +36,35 @@ def loss_curve(history: pd.DataFrame | list[dict], title: str) -> plt.Figure:
     return fig
 
 
+def run_label(row) -> str:
+    """A model of results.csv named without its seed: 'micro-xs sft', 'micro-xs <- micro-m fkl t1'
+    (plus 'noise 5' or 'base teacher' where they apply)."""
+    if row["kind"] != "kd":
+        return f"{row['student']} {row['method']}"
+    label = f"{row['student']} <- {row['teacher']} {row['method']} t{row['temperature']:g}"
+    if row["noise"]:
+        label += f" noise {row['noise']:g}"
+    return label + (" base teacher" if row["teacher_kind"] == "base" else "")
+
+
 def accuracy_heatmap(results: pd.DataFrame, title: str = "Accuracy per model and task") -> plt.Figure:
-    """Models (rows, by size then name) x tasks (columns), accuracy in percent."""
-    order = results.drop_duplicates("model").sort_values(["student_params", "model"])["model"]
-    table = results.pivot_table(index="model", columns="task", values="accuracy", aggfunc="mean", sort=False)
+    """Models (rows: mean over seeds; by student size, then SFT before the methods in METHOD_ORDER)
+    x tasks (columns), accuracy in percent."""
+    runs = results.assign(run=results.apply(run_label, axis=1),
+                          rank=results["method"].map({m: i for i, m in enumerate(["sft", "base", *METHOD_ORDER])}))
+    order = runs.drop_duplicates("run").sort_values(["student_params", "rank", "run"])["run"]
+    table = runs.pivot_table(index="run", columns="task", values="accuracy", aggfunc="mean", sort=False)
     table = table.reindex(order)
-    fig, ax = plt.subplots(figsize=(1 + 0.55 * table.shape[1], 1 + 0.32 * table.shape[0]))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * table.shape[1], 1.2 + 0.36 * table.shape[0]))
     im = ax.imshow(table.values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(table.shape[1]), table.columns, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(table.shape[0]), table.index, fontsize=7)
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=60, ha="right", fontsize=9)
+    ax.set_yticks(range(table.shape[0]), table.index, fontsize=9)
     for (i, j), v in np.ndenumerate(table.values):
         if not np.isnan(v):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 60 else "k")
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
     fig.colorbar(im, ax=ax, label="accuracy (%)")
-    ax.set_title(title)
+    seeds = results["seed"].nunique()
+    ax.set_title(title + (f" (mean over {seeds} seeds)" if seeds > 1 else ""))
     fig.tight_layout()
     return fig
 
@@ -76,16 +91,17 @@ def gain_vs(gains: pd.DataFrame, x: str, xlabel: str, title: str, log_x: bool = 
 
 def gain_heatmap(gains: pd.DataFrame, title: str = "KD gain per student and task") -> plt.Figure:
     """Mean gain (points) per (student <- teacher, method) row and task."""
-    g = gains.assign(run=gains["student"] + " <- " + gains["teacher"] + " / " + gains["method"])
-    table = g.pivot_table(index="run", columns="task", values="gain", aggfunc="mean")
+    g = gains.assign(run=gains["student"] + " <- " + gains["teacher"] + " / " + gains["method"],
+                     size=gains["student_params"]).sort_values(["size", "teacher", "method"])
+    table = g.pivot_table(index="run", columns="task", values="gain", aggfunc="mean", sort=False)
     lim = max(1.0, float(np.nanmax(np.abs(table.values))))
-    fig, ax = plt.subplots(figsize=(1 + 0.55 * table.shape[1], 1 + 0.3 * table.shape[0]))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * table.shape[1], 1.2 + 0.36 * table.shape[0]))
     im = ax.imshow(table.values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(table.shape[0]), table.index, fontsize=7)
+    ax.set_yticks(range(table.shape[0]), table.index, fontsize=9)
     for (i, j), v in np.ndenumerate(table.values):
         if not np.isnan(v):
-            ax.text(j, i, f"{v:+.0f}", ha="center", va="center", fontsize=6)
+            ax.text(j, i, f"{v:+.0f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="gain (accuracy points)")
     ax.set_title(title)
     fig.tight_layout()

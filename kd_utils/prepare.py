@@ -21,16 +21,16 @@ from .training import OptimSettings, cycle_steps, token_ce, train
 def build_world(world: WorldConfig, out_dir: str | Path) -> dict:
     """Write `data/<task>/{train,test}.json`, `corpus.txt` and `tokenizer/` under out_dir."""
     out = Path(out_dir)
-    counts = microworld.write_world(out / "data", world.n_train, world.n_test, world.seed)
+    tasks = resolve_tasks(world.task_groups())
+    counts = microworld.write_world(out / "data", world.n_train, world.n_test, world.seed, [t.name for t in tasks])
     corpus = microworld.generic_corpus(world.corpus_lines, world.seed)
     (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
     texts = list(corpus)
-    for task in resolve_tasks("micro"):
+    for task in tasks:
         for item in json.loads((out / "data" / task.name / "train.json").read_text()):
             texts.append(build_prompt(item["instruction"], item.get("input", "")) + item["output"])
     tokenizer = train_bpe_tokenizer(texts, world.vocab_size, out / "tokenizer")
     lengths = [len(ids) for ids in tokenizer(texts[len(corpus):], add_special_tokens=False)["input_ids"]]
-    tasks = resolve_tasks("micro")
     overlap = overlap_table([it for t in tasks for it in load_items(t, out / "data", split="train")],
                             {t.name: load_items(t, out / "data") for t in tasks})
     refuse_above(overlap, 0.0, False, "of the micro world")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 from pathlib import Path
 
 import nbformat
@@ -47,8 +48,32 @@ def _contamination_section(grid) -> list:
                                           + table.to_markdown(index=False, floatfmt=".4f"))]
 
 
+def _anchor(heading: str) -> str:
+    """The id nbconvert gives a markdown heading."""
+    return heading.strip().replace(" ", "-")
+
+
+def _headings(cells) -> list[tuple[int, str]]:
+    """(level, text) of the level-1 and level-2 markdown headings of `cells`, in order."""
+    found = []
+    for cell in cells:
+        if cell.cell_type == "markdown":
+            found += [(len(m.group(1)), m.group(2)) for m in re.finditer(r"^(#{1,2}) (.+)$", cell.source, re.M)]
+    return found
+
+
+def _cells_section(grid) -> list:
+    """Every cell of the grid with a link to its executed notebook (relative to the report)."""
+    rows = [f"| {c.stage} | {c.name} | [{c.id}]({c.stage}/{c.id}/notebook.ipynb) |" for c in grid.cells
+            if (c.output_dir(grid.study_dir) / "notebook.ipynb").exists()]
+    return [nbformat.v4.new_markdown_cell("## Every cell's executed notebook\n\n| stage | cell | notebook |\n|---|---|---|\n"
+                                          + "\n".join(rows))]
+
+
 def render_report(grid) -> Path:
-    """Write `<study>/report.html` from the executed fidelity, ablation and statistics notebooks."""
+    """Write `<study>/report.html`: a title, the statistics notebook's summary (cells tagged
+    "summary"), a table of contents, the contamination check, the executed fidelity, ablation and
+    statistics notebooks, and a link to every cell's executed notebook."""
     from .grid import REPORT_NOTEBOOKS
 
     study = grid.study_dir
@@ -63,12 +88,17 @@ def render_report(grid) -> Path:
     title = nbformat.v4.new_markdown_cell(
         f"# Knowledge distillation study `{grid.cfg.study}`\n\n"
         f"Rendered {stamp} on {_machine()}. Tables: `results.csv`, `fidelity.csv` beside this page; "
-        f"every number links back to an executed notebook under `{study.name}/<stage>/<cell id>/notebook.ipynb`.")
-    sections = [title] + _contamination_section(grid)
+        f"every number links back to an executed notebook (the last section lists them all).")
+    tags = lambda c: set(c.metadata.get("tags", []))  # noqa: E731
+    cells = [_without_stderr(c) for nb in executed for c in nb.cells
+             if not {"parameters", "injected-parameters"} & tags(c)]
+    summary = [c for c in cells if "summary" in tags(c)]
+    body = _contamination_section(grid) + [c for c in cells if "summary" not in tags(c)] + _cells_section(grid)
+    toc = nbformat.v4.new_markdown_cell("## Contents\n\n" + "\n".join(
+        f"{'  ' * (level - 1)}- [{text}](#{_anchor(text)})" for level, text in _headings(body)))
     merged = nbformat.v4.new_notebook()
     merged.metadata = executed[0].metadata if executed else {}
-    merged.cells = sections + [_without_stderr(c) for nb in executed for c in nb.cells
-                              if not {"parameters", "injected-parameters"} & set(c.metadata.get("tags", []))]
+    merged.cells = [title] + summary + [toc] + body
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(merged)
     out = study / "report.html"

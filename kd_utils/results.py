@@ -13,9 +13,11 @@ from .tasks import SCORERS
 
 # accuracy (and its interval) is the study's main scorer's, named in `scorer`; accuracy_<name> holds
 # each scorer's that the evaluation ran (evaluation.scorer and extra_scorers), empty otherwise. Cells
-# evaluated before the scorer was recorded in their metrics used the default, generate.
+# evaluated before the scorer was recorded in their metrics used the default, generate. `metric` names what
+# accuracy (and every gain computed from it) measures for the row's task: accuracy, or rougeL (ROUGE-L F1,
+# the instruction domain); cells evaluated before it was recorded measured accuracy.
 RESULT_COLUMNS = ["model", "kind", "student", "teacher", "method", "temperature", "noise", "teacher_kind", "seed",
-                  "task", "domain", "n", "scorer", "accuracy", "ci_low", "ci_high", "student_params", "teacher_params",
+                  "task", "domain", "n", "scorer", "metric", "accuracy", "ci_low", "ci_high", "student_params", "teacher_params",
                   "cell_id", *(f"accuracy_{s}" for s in SCORERS)]
 
 
@@ -56,7 +58,7 @@ def collect_results(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
                 "model": m["model"], "kind": m["kind"], "student": m["student"], "teacher": m["teacher"],
                 "method": m["method"] or m["kind"], "temperature": m["temperature"], "noise": m["noise"],
                 "teacher_kind": m["teacher_kind"], "seed": m["seed"], "task": t["task"], "domain": t["domain"],
-                "n": t["n"], "scorer": scorer, "accuracy": t["accuracy"], "ci_low": t["ci_low"],
+                "n": t["n"], "scorer": scorer, "metric": t.get("metric", "accuracy"), "accuracy": t["accuracy"], "ci_low": t["ci_low"],
                 "ci_high": t["ci_high"], "student_params": m["params"],
                 "teacher_params": params.get(m["teacher"]) if m["teacher"] else None, "cell_id": cell_dir.name,
                 **{f"accuracy_{s}": t["accuracy"] if s == scorer else t.get(f"accuracy_{s}") for s in SCORERS}})

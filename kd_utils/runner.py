@@ -32,10 +32,12 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -47,6 +49,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import pandas as pd
 from tqdm import tqdm
+
+from . import provenance
 
 if TYPE_CHECKING:
     import submitit
@@ -224,7 +228,7 @@ def _stage_order(cells: Sequence[Cell]) -> list[Cell]:
 
 def _status(cell: Cell, study: Path) -> str:
     if cell.is_complete(study):
-        return "done"
+        return "stale" if provenance.is_stale(cell.output_dir(study), cell.notebook) else "done"
     return "failed-before" if (study / cell.stage / f"{cell.id}.failed").is_dir() else "todo"
 
 
@@ -244,7 +248,8 @@ def _table(cells: Sequence[Cell], study: Path, cost: Callable[[Cell], Any] | Non
 
 
 def plan(cells: Sequence[Cell], study_dir: str | Path, cost: Callable[[Cell], Any] | None = None) -> pd.DataFrame:
-    """One row per cell: stage, name, id, status (done, todo, failed-before) and, given ``cost``, cost(cell).
+    """One row per cell: stage, name, id, status (done; stale: complete but made by other code, see
+    kd_utils.provenance; todo; failed-before) and, given ``cost``, cost(cell).
 
     Raises ValueError on duplicate ids, unknown deps or cycles.
     """
@@ -256,10 +261,10 @@ def format_plan(table: pd.DataFrame, max_rows: int = 20) -> str:
     lines = []
     for stage, rows in table.groupby("stage", sort=False):
         counts = rows["status"].value_counts()
-        summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "todo", "failed-before") if s in counts)
+        summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "stale", "todo", "failed-before") if s in counts)
         cost = f", cost {rows['cost'].sum():g}" if "cost" in rows else ""
         lines.append(f"{stage}: {len(rows)} cell{'s' * (len(rows) != 1)} ({summary}{cost})")
-        pending = rows[rows["status"] != "done"]
+        pending = rows[~rows["status"].isin(["done", "stale"])]
         for row in pending.head(max_rows).itertuples():
             extra = f"  cost {row.cost:g}" if "cost" in rows else ""
             lines.append(f"  {row.status:<13} {row.id}  {row.name}{extra}")
@@ -452,15 +457,61 @@ def _execute(task: _Task) -> _Outcome:
         os.close(fd)
 
 
-def _ipc_kernel_config(folder: Path) -> Any:
-    """Kernel channels as Unix sockets in a private folder, not TCP ports.
+class _KernelWatch:
+    """A cell's kernel process: its exit status and its peak resident memory (VmHWM of
+    /proc/<pid>/status, read every half second while it runs; Linux only), to say why it died."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.peak = 0  # bytes
+        self.stopped = threading.Event()
+
+    def start(self, process: subprocess.Popen) -> None:
+        self.process = process
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        status = Path(f"/proc/{self.process.pid}/status")
+        while not self.stopped.is_set():
+            try:
+                hwm = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM:")), None)
+            except OSError:
+                return
+            if hwm is None:  # a zombie: it has exited
+                return
+            self.peak = max(self.peak, int(hwm.split()[1]) * 1024)
+            self.stopped.wait(0.5)
+
+    def cause(self) -> str:
+        """Why the kernel died, when a signal killed it ("" otherwise)."""
+        code = self.process.poll() if self.process is not None else None
+        if code is None or code >= 0:
+            return ""
+        text = f"the kernel was killed by signal {signal.Signals(-code).name}"
+        if -code == signal.SIGKILL:
+            text += " (likely out of memory: the Linux OOM killer sends SIGKILL)"
+        if self.peak:
+            text += f"; its last measured peak resident memory was {self.peak / 2**30:.2f} GB"
+        return text
+
+
+def _kernel_config(folder: Path, watch: _KernelWatch) -> Any:
+    """Kernel channels as Unix sockets in a private folder, not TCP ports, and a kernel manager
+    that hands the kernel's process to ``watch``.
 
     Over TCP the kernel manager picks free ports and the kernel binds them later; meanwhile another
     worker's kernel or connection can take one, and the kernel dies ("Address already in use").
     """
+    from jupyter_client.manager import AsyncKernelManager
     from traitlets.config import Config
 
-    return Config({"KernelManager": {"transport": "ipc", "ip": str(folder / "kernel")}})
+    class WatchedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw: Any) -> None:
+            await super().start_kernel(**kw)
+            watch.start(self.provisioner.process)
+
+    return Config({"NotebookClient": {"kernel_manager_class": WatchedKernelManager},
+                   "KernelManager": {"transport": "ipc", "ip": str(folder / "kernel")}})
 
 
 def _run_notebook(task: _Task) -> _Outcome:
@@ -487,6 +538,7 @@ def _run_notebook(task: _Task) -> _Outcome:
         log.flush()
         offset = log_path.stat().st_size
         sockets = tempfile.mkdtemp(prefix=f"{_SOCKETS_PREFIX}{cell.id}-")
+        watch = _KernelWatch()
         try:
             papermill.execute_notebook(
                 task.notebook,
@@ -498,24 +550,28 @@ def _run_notebook(task: _Task) -> _Outcome:
                 log_output=False,
                 stdout_file=log,
                 stderr_file=log,
-                config=_ipc_kernel_config(Path(sockets)),
+                config=_kernel_config(Path(sockets), watch),
             )
             if not (tmp / "metrics.json").is_file():
                 raise RuntimeError("notebook did not write metrics.json")
         except Exception as exc:
             log.flush()
+            cause = watch.cause()
+            error = _short_error(exc) + (f" ({cause})" if cause else "")
             (tmp / "error.txt").write_text(
                 f"cell: {cell.name}\nstage: {cell.stage}\nid: {cell.id}\nnotebook: {task.notebook}\n"
-                f"parameters: {_canonical_json(cell.parameters)}\nerror: {_short_error(exc)}\n\n"
+                f"parameters: {_canonical_json(cell.parameters)}\nerror: {error}\n\n"
                 + _ANSI_RE.sub("", traceback.format_exc())
             )
             with open(log_path, "rb") as whole:
                 whole.seek(offset)
                 (tmp / "log.txt").write_bytes(whole.read())
             _install(tmp, failed, cell.id, result=False)
-            return _Outcome("failed", time.monotonic() - start, f"{_short_error(exc)} (see {failed})")
+            return _Outcome("failed", time.monotonic() - start, f"{error} (see {failed})")
         finally:
+            watch.stopped.set()
             shutil.rmtree(sockets, ignore_errors=True)
+    provenance.record(tmp, task.notebook)
     _install(tmp, final, cell.id, result=True)
     shutil.rmtree(failed, ignore_errors=True)
     return _Outcome("ran", time.monotonic() - start)
@@ -756,6 +812,7 @@ def run(
     max_workers: int | None = None,
     only: Sequence[str] | None = None,
     force: bool = False,
+    rerun_stale: bool = False,
     threads_per_worker: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -770,6 +827,7 @@ def run(
     only: substrings or glob patterns matched against cell names, ids and stages; deps outside the
         selection must already be complete, else the cell is reported "blocked".
     force: re-run selected complete cells; an old result is replaced only by a successful new one.
+    rerun_stale: re-run, the same way, the selected complete cells made by other code (plan: "stale").
     executor: "local": max_workers worker processes x threads_per_worker threads, by default as many
         workers as fit the cores (and memory, given cells' mem_gb) with threads = the largest
         resources["cpus"] (default 1). "slurm": one submitit job per cell with the cell's cpus, gpus,
@@ -805,11 +863,13 @@ def run(
             )
         _tidy(study, {c.stage for c in ordered}, owner)
         log(format_plan(_table(selected, study)))
-        results = {c.id: CellResult(c, "done") for c in selected if not force and c.is_complete(study)}
+        redo = (lambda c: True) if force else (  # noqa: E731
+            (lambda c: provenance.is_stale(c.output_dir(study), c.notebook)) if rerun_stale else (lambda c: False))
+        results = {c.id: CellResult(c, "done") for c in selected if c.is_complete(study) and not redo(c)}
         to_run = [c for c in selected if c.id not in results]
         rerun = sum(c.is_complete(study) for c in to_run)
         if rerun:
-            log(f"force: re-running {rerun} complete cells")
+            log(f"{'force' if force else 'rerun-stale'}: re-running {rerun} complete cells")
         if to_run:
             seen = {c.id: _stamp(c.output_dir(study)) for c in to_run}
             backend: _LocalPool | _SlurmQueue

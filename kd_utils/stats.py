@@ -8,7 +8,9 @@ differences) with effect sizes, CIs and Holm / Benjamini-Hochberg corrections;
 random-intercept view beyond the paper. :func:`load_kd_generalization` parses the authors'
 published tables and ``python -m kd_utils.stats reproduce`` reruns their analysis.
 
-Conventions. Accuracies, agreement and BLEU are percentages. The main tests (everything but
+Conventions. Accuracies, agreement and BLEU are percentages. ``accuracy`` is each row's metric
+(results.csv's ``metric``: accuracy, or ROUGE-L F1 in the instruction domain); every test runs
+per task and domain, so a domain's gains are in its own metric's points. The main tests (everything but
 the teacher-expertise test) use the standard condition: an SFT'd teacher
 (``teacher_kind != "base"``) and no teacher-logit noise (``noise == 0``). A family of tests,
 for the multiple-comparison corrections, is one (hypothesis, test, method) across all its
@@ -27,6 +29,8 @@ import pandas as pd
 import pingouin as pg
 import statsmodels.formula.api as smf
 from statsmodels.tools.sm_exceptions import ConvergenceWarning
+
+from .tasks import DOMAIN_METRICS
 
 __all__ = [
     "AVERAGE",
@@ -438,26 +442,41 @@ _CORRELATES = {
 _HEADLINE_TEST = {"H1": "ttest", "methods": "anova", "H2_teacher_expertise": "ttest"}
 
 
-def _sentence(hypothesis: str, domain: str, rows: pd.DataFrame, alpha: float) -> str | None:
-    test = _HEADLINE_TEST.get(hypothesis, "spearman")
-    pooled = rows[(rows["method"] == "all") & (rows["test"] == test)]
+def _headline(hypothesis: str, rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series] | None:
+    """The pooled rows of one hypothesis and domain and the row its sentence reports: the Average
+    when tested, else the task with the smallest p."""
+    pooled = rows[(rows["method"] == "all") & (rows["test"] == _HEADLINE_TEST.get(hypothesis, "spearman"))]
     if pooled.empty:
         return None
+    avg = pooled[pooled["task"] == AVERAGE]
+    tasks = pooled[pooled["task"] != AVERAGE]
+    return pooled, (avg.iloc[0] if len(avg) else tasks.loc[tasks["p_value"].idxmin()])
+
+
+def _points(domain: str) -> str:
+    metric = DOMAIN_METRICS.get(domain, "accuracy")
+    return "points" if metric == "accuracy" else f"{metric} points"
+
+
+def _sentence(hypothesis: str, domain: str, rows: pd.DataFrame, alpha: float) -> str | None:
+    found = _headline(hypothesis, rows)
+    if found is None:
+        return None
+    pooled, head = found
     tasks = pooled[pooled["task"] != AVERAGE]
     count = f"significant on {(tasks['p_holm'] < alpha).sum()} of {len(tasks)} tasks after Holm"
     avg = pooled[pooled["task"] == AVERAGE]
-    head = avg.iloc[0] if len(avg) else tasks.loc[tasks["p_value"].idxmin()]
     where = "the Average" if len(avg) else f"{head['task']}, its strongest task"
     stats = f"p={_p(head['p_value'])}, n={head['n']}"
     if hypothesis == "H1":
-        return (f"H1 (KD > SFT), {domain}: mean gain {head['estimate']:+.2f} points on {where} "
+        return (f"H1 (KD > SFT), {domain}: mean gain {head['estimate']:+.2f} {_points(domain)} on {where} "
                 f"(t={head['statistic']:.2f}, {stats}, d={head['effect']:.2f}); {count}.")
     if hypothesis == "methods":
         return (f"Method differences, {domain}: one-way ANOVA over methods on {where} "
                 f"F={head['statistic']:.2f} ({stats}, partial eta2={head['effect']:.2f}); {count}.")
     if hypothesis == "H2_teacher_expertise":
         return (f"H2 (SFT'd vs base teacher), {domain}: distilling from the SFT'd teacher gives "
-                f"{head['estimate']:+.2f} points vs the base teacher on {where} "
+                f"{head['estimate']:+.2f} {_points(domain)} vs the base teacher on {where} "
                 f"(t={head['statistic']:.2f}, {stats}); {count}.")
     label, predictor = _CORRELATES[hypothesis]
     if head["p_holm"] < alpha:
@@ -468,18 +487,24 @@ def _sentence(hypothesis: str, domain: str, rows: pd.DataFrame, alpha: float) ->
             f"(Spearman rho={head['statistic']:.2f}, {stats}); {count}.")
 
 
-def describe_hypotheses(table: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+def describe_hypotheses(table: pd.DataFrame, alpha: float = 0.05, collapse: bool = False) -> list[str]:
     """One plain-English sentence per hypothesis and domain, from the pooled ("all") rows:
     the Average when tested (else the task with the smallest p), then how many tasks stay
-    significant after Holm at ``alpha``."""
+    significant after Holm at ``alpha``. With ``collapse``, those whose reported row is not
+    significant after Holm share one closing line instead."""
     _require(table, TABLE_COLUMNS, "hypothesis table")
-    lines = []
+    lines, quiet = [], []
     for hypothesis in _HYPOTHESIS_ORDER:
         rows = table[table["hypothesis"] == hypothesis]
         for domain, d in rows.groupby("domain", sort=True):
             line = _sentence(hypothesis, domain, d, alpha)
-            if line:
+            if line and collapse and not _headline(hypothesis, d)[1]["p_holm"] < alpha:
+                head = _headline(hypothesis, d)[1]
+                quiet.append(f"{line.split(':')[0]} (p={_p(head['p_value'])}, n={head['n']})")
+            elif line:
                 lines.append(line)
+    if quiet:
+        lines.append(f"Not significant after Holm at {alpha:g}: {'; '.join(quiet)}.")
     return lines
 
 

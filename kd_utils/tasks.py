@@ -17,6 +17,10 @@ Prompt and scoring mirror the LLM-Adapters code the paper's authors evaluated wi
   their regex; longer tokens are tried first so a token that prefixes another never wins).
 No answer found -> `extract_answer` gives None and the item is incorrect.
 
+Text tasks (instruction following: MiniLLM's Dolly, SelfInst, Vicuna, S-NI, UnNI) have free-form
+references and are scored by ROUGE-L F1 (`rouge_l`, MiniLLM's rouge_metric.py): the best over an
+item's references, 0-100. Each task's metric (`METRICS`) names what `evaluate` reports.
+
 Log-likelihood scoring (`loglik_requests`) follows lm-evaluation-harness instead: each option's
 content, not its label, is the continuation, as each task's `Continuations` declares next to its
 source (see `Continuations` for where ours differs from lm-eval's task files).
@@ -24,15 +28,18 @@ source (see `Continuations` for where ours differs from lm-eval's task files).
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 DOMAINS = ("math", "commonsense", "instruction")
-ANSWER_KINDS = ("number", "letter", "choice")
+ANSWER_KINDS = ("number", "letter", "choice", "text")
+# What a task's score means, by answer kind (the per-item score is 100 * correct or ROUGE-L F1).
+METRICS = {"number": "accuracy", "letter": "accuracy", "choice": "accuracy", "text": "rougeL"}
 SUITES = ("paper", "micro")
 
 # How `evaluate` scores an item (one home for the names: the params' `scorer` is one of these).
@@ -92,11 +99,12 @@ class Continuations:
 class Task:
     """One evaluation task.
 
-    suite "paper" reads `<llm_adapters root>/<local_dir>/<split>.json` (shared data by default);
-    suite "micro" reads `<study data root>/<local_dir>/<split>.json`. `hf_dataset` (+ config,
-    split, and a named converter from `CONVERTERS`) is the fallback source when no local file
-    exists; without a converter the hub records must already be LLM-Adapters items. `loglik`
-    declares the log-likelihood scorers' continuations (None: generation scoring only).
+    suite "paper" reads `<data root>/<local_dir>/<test_file>` (the test split; the data root is
+    `default_data_root(data_home)` by default), suite "micro" `<study data root>/<local_dir>/<split>.json`.
+    A `.jsonl` test file holds one record per line (MiniLLM's format). `hf_dataset` (+ config,
+    split, data files, and a named converter from `CONVERTERS`) is the fallback source when no
+    local file exists; without a converter the hub records must already be LLM-Adapters items.
+    `loglik` declares the log-likelihood scorers' continuations (None: generation scoring only).
     """
 
     name: str
@@ -109,6 +117,9 @@ class Task:
     hf_config: str | None = None
     hf_split: str = "test"
     hf_converter: str | None = None
+    hf_files: str | None = None
+    data_home: str = "llm_adapters"
+    test_file: str = "test.json"
     loglik: Continuations | None = None
 
     def __post_init__(self) -> None:
@@ -118,7 +129,7 @@ class Task:
             raise ValueError(f"task {self.name!r}: answer_kind {self.answer_kind!r} not in {ANSWER_KINDS}")
         if self.suite not in SUITES:
             raise ValueError(f"task {self.name!r}: suite {self.suite!r} not in {SUITES}")
-        if (self.answer_kind == "number") == bool(self.options):
+        if (self.answer_kind in ("letter", "choice")) != bool(self.options):
             raise ValueError(f"task {self.name!r}: {self.answer_kind} tasks "
                              f"{'take no' if self.options else 'need'} options")
         if self.hf_converter is not None and self.hf_converter not in CONVERTERS:
@@ -139,6 +150,10 @@ class Task:
     @property
     def answer_format(self) -> str:
         return ANSWER_FORMATS[self.answer_kind]
+
+    @property
+    def metric(self) -> str:
+        return METRICS[self.answer_kind]
 
 
 # --- Hugging Face converters: hub record -> LLM-Adapters item -------------------------------
@@ -184,9 +199,16 @@ def convert_multiple_choice(r: dict) -> dict:
                  f"Answer format: {fmt}", f"answer{correct}")
 
 
+def convert_minillm(r: dict) -> dict:
+    """MiniLLM's instruction sets (MiniLLM/dolly, self-inst, Vicuna, sinst, uinst): instruction,
+    input (may be empty), output (one reference or a list), and a pre-rendered prompt, dropped:
+    `build_prompt` renders the same Alpaca template."""
+    return {k: r[k] for k in ("instruction", "input", "output") if k in r}
+
+
 CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "boolq": convert_boolq, "hellaswag": convert_hellaswag, "winogrande": convert_winogrande,
-    "multiple_choice": convert_multiple_choice,
+    "multiple_choice": convert_multiple_choice, "minillm": convert_minillm,
 }
 
 
@@ -244,6 +266,14 @@ _WINOGRANDE = Continuations("{question}", "winogrande/preprocess_winogrande.py",
 _ARC = Continuations("Question: {question}\nAnswer:", "arc/arc_easy.yaml")
 _OBQA = Continuations("{question}", "openbookqa/openbookqa.yaml")  # the bare question_stem, no "Answer:"
 
+def _minillm(name: str, hub: str, file: str = "valid.jsonl") -> Task:
+    """A MiniLLM instruction test set: `<root>/<name>/<file>` (their evaluate_main.py reads the
+    "valid" split; S-NI and UnNI from the 11_ subfolder their eval scripts name), else the same
+    file of the hub dataset."""
+    return Task(name, "instruction", "text", data_home="minillm", test_file=file,
+                hf_dataset=hub, hf_files=file, hf_split="train", hf_converter="minillm")
+
+
 _ENTRIES = [
     # the paper's 14 zero-shot test sets (LLM-Adapters format)
     Task("gsm8k", "math", "number"),
@@ -278,14 +308,28 @@ _ENTRIES = [
     Task("micro_winogrande", "commonsense", "choice", _tokens("option", 2), suite="micro", loglik=_WINOGRANDE),
     Task("micro_arc", "commonsense", "choice", _tokens("answer", 4), suite="micro", loglik=_ARC),
     Task("micro_obqa", "commonsense", "choice", _tokens("answer", 5), suite="micro", loglik=_OBQA),
+    Task("micro_instruct", "instruction", "text", suite="micro"),
+    # instruction following: MiniLLM's test sets, each downloaded into <root>/<task name>
+    # (huggingface-cli download MiniLLM/<set> --repo-type dataset --local-dir <root>/<name>)
+    *(_minillm(*spec) for spec in (("dolly", "MiniLLM/dolly"), ("self_inst", "MiniLLM/self-inst"),
+                                   ("vicuna", "MiniLLM/Vicuna"), ("sinst", "MiniLLM/sinst", "11_/valid.jsonl"),
+                                   ("uinst", "MiniLLM/uinst", "11_/valid.jsonl"))),
 ]
 TASKS: dict[str, Task] = {t.name: t for t in _ENTRIES}
+# The metric of each domain's scores (gains are in its points); a domain has one metric.
+DOMAIN_METRICS: dict[str, str] = {t.domain: t.metric for t in _ENTRIES}
+assert all(t.metric == DOMAIN_METRICS[t.domain] for t in _ENTRIES), "a domain mixes metrics"
+
+
+# The domains a suite's own group ("paper", "micro") holds: the paper's reasoning study. Instruction
+# following trains on other data (Dolly), so its tasks are only in "<suite>_instruction".
+SUITE_DOMAINS = ("math", "commonsense")
 
 
 def _groups(tasks: dict[str, Task]) -> dict[str, tuple[str, ...]]:
     groups: dict[str, list[str]] = {}
     for t in tasks.values():
-        for key in (t.suite, f"{t.suite}_{t.domain}"):
+        for key in ((t.suite,) if t.domain in SUITE_DOMAINS else ()) + (f"{t.suite}_{t.domain}",):
             groups.setdefault(key, []).append(t.name)
     return {k: tuple(v) for k, v in groups.items()}
 
@@ -332,13 +376,43 @@ def resolve_tasks(names: str | Task | Iterable[str | Task]) -> list[Task]:
 
 # --- data -------------------------------------------------------------------------------------
 
-def default_data_root() -> Path:
-    """The LLM-Adapters test sets: $KD_DATA_ROOT, else $KD_SHARED_DIR/data/llm_adapters,
-    else ../shared/data/llm_adapters beside the repository (the path may not exist)."""
+@dataclass(frozen=True)
+class TrainSet:
+    """A named training set (`training.train_data: <name>`): `<data root>/<local_dir>/<file>`, else
+    that file of the hub dataset; the first `held_out` records are left out (the source's own
+    validation split)."""
+
+    name: str
+    local_dir: str
+    file: str
+    data_home: str
+    hf_dataset: str
+    hf_converter: str
+    held_out: int = 0
+
+
+# MiniLLM's Dolly-15K: raw.jsonl, whose first 1000 records their process_data_dolly.sh (--dev-num 1000)
+# keeps for validation; the test set is the separate valid.jsonl (task "dolly").
+TRAIN_SETS: dict[str, TrainSet] = {s.name: s for s in [
+    TrainSet("dolly", "dolly", "raw.jsonl", "minillm", "MiniLLM/dolly", "minillm", held_out=1000),
+]}
+
+
+def default_data_root(data_home: str = "llm_adapters") -> Path:
+    """Where the shared test sets of a collection live: $KD_DATA_ROOT, else
+    $KD_SHARED_DIR/data/<data_home>, else ../shared/data/<data_home> beside the repository
+    (LLM-Adapters' sets in llm_adapters, MiniLLM's in minillm; the path may not exist)."""
     if os.environ.get("KD_DATA_ROOT"):
         return Path(os.environ["KD_DATA_ROOT"])
     shared = Path(os.environ.get("KD_SHARED_DIR") or _REPO.parent / "shared")
-    return shared / "data" / "llm_adapters"
+    return shared / "data" / data_home
+
+
+def local_test_file(task: Task | str, data_root: str | Path | None = None) -> Path:
+    """The file the task's test items are read from when it exists (else the hub is tried)."""
+    task = get_task(task)
+    root = Path(data_root) if data_root is not None else default_data_root(task.data_home)
+    return root / task.local_dir / (task.test_file if task.suite == "paper" else "test.json")
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -351,84 +425,141 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def _from_hub(task: Task) -> list[dict]:
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) of a JSON list (where = "file: item i") or a JSONL file ("file:line")."""
+    if path.suffix != ".jsonl":
+        return [(f"{path}: item {i}", r) for i, r in enumerate(_read_json(path))]
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from e
+    return out
+
+
+def _load_hub(dataset: str, config: str | None, split: str, files: str | None, what: str, hint: str) -> list:
     from datasets import load_dataset  # heavy import, only on this path
 
     try:
-        records = load_dataset(task.hf_dataset, task.hf_config, split=task.hf_split)
+        return load_dataset(dataset, config, split=split, **({"data_files": files} if files else {}))
     except Exception as e:  # offline, missing dataset, bad config: all surface the same way
         raise FileNotFoundError(
-            f"task {task.name!r}: no local data and the hub dataset {task.hf_dataset!r} "
-            f"(config {task.hf_config!r}, split {task.hf_split!r}) could not be loaded "
-            f"({type(e).__name__}: {e}); pass data_root= a folder with {task.local_dir}/test.json "
-            f"or set KD_DATA_ROOT") from e
+            f"{what}: no local data and the hub dataset {dataset!r} (config {config!r}, split {split!r}, "
+            f"files {files!r}) could not be loaded ({type(e).__name__}: {e}); {hint}") from e
+
+
+def _from_hub(task: Task) -> list[tuple[str, dict]]:
+    records = _load_hub(task.hf_dataset, task.hf_config, task.hf_split, task.hf_files, f"task {task.name!r}",
+                        f"pass data_root= a folder with {task.local_dir}/{task.test_file} or set KD_DATA_ROOT")
     convert = CONVERTERS[task.hf_converter] if task.hf_converter else dict
-    return [convert(r) for r in records]
+    return [(f"{task.hf_dataset}: record {i}", convert(r)) for i, r in enumerate(records)]
+
+
+def references(record: dict, where: str) -> list[str]:
+    """The reference responses of a text item: its output, one string or a list (MiniLLM's
+    format); a missing or empty one raises, naming `where`."""
+    if "output" not in record:
+        raise ValueError(f"{where} lacks ['output'] (the reference response)")
+    refs = record["output"] if isinstance(record["output"], list) else [record["output"]]
+    if not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise ValueError(f"{where}: empty reference output {record['output']!r}")
+    return refs
+
+
+def _task_item(task: Task, i: int, where: str, r: dict) -> dict:
+    required = ("instruction",) if task.answer_kind == "text" else ("instruction", "answer")
+    missing = [k for k in required if not isinstance(r, dict) or k not in r]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    item = {"id": i, "instruction": r["instruction"], "input": r.get("input") or ""}
+    if task.answer_kind == "text":
+        refs = references(r, where)
+        return {**item, "output": refs[0], "answer": refs[0], "references": refs}
+    return {**item, "output": r.get("output", ""), "answer": str(r["answer"])}
 
 
 def load_items(task: Task | str, data_root: str | Path | None = None, split: str = "test",
                limit: int | None = None) -> list[dict]:
-    """Items of a task: dicts with id (index in the file), instruction, input, output, answer.
+    """Items of a task: dicts with id (index in the file), instruction, input, output, answer,
+    and for text tasks references (all reference responses; output and answer are the first).
 
-    data_root None: paper tasks use `default_data_root()`, then the task's hub dataset (test
-    split only); micro tasks need the study's data root.
+    data_root None: paper tasks use `default_data_root(task.data_home)`, then the task's hub
+    dataset (test split only); micro tasks need the study's data root.
     """
     task = get_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of items, got {limit}")
     if data_root is None and task.suite == "micro":
         raise ValueError(f"micro task {task.name!r} needs data_root (the study's data folder)")
-    root = Path(data_root) if data_root is not None else default_data_root()
-    path = root / task.local_dir / f"{split}.json"
+    path = local_test_file(task, data_root)
+    if split != "test":
+        path = path.parent / f"{split}.json"
     if path.is_file():
-        raw, source = _read_json(path), str(path)
+        raw = _records(path)
     elif data_root is None and task.hf_dataset and split == "test":
-        raw, source = _from_hub(task), task.hf_dataset
+        raw = _from_hub(task)
     else:
         raise FileNotFoundError(f"task {task.name!r}: {path} does not exist")
-    items = []
-    for i, r in enumerate(raw[:limit]):
-        missing = [k for k in ("instruction", "answer") if k not in r]
-        if missing:
-            raise ValueError(f"{source}: item {i} lacks {missing}")
-        items.append({"id": i, "instruction": r["instruction"], "input": r.get("input") or "",
-                      "output": r.get("output", ""), "answer": str(r["answer"])})
-    return items
+    return [_task_item(task, i, where, r) for i, (where, r) in enumerate(raw[:limit])]
 
 
 def load_training_items(train_tasks, train_data: str | None = None, data_root: str | Path | None = None,
                         limit: int | None = None) -> list[dict]:
-    """Training items (instruction, input, output): an LLM-Adapters JSON file (Math10K,
-    Commonsense15K) or a hub dataset id with instruction/input/output columns when `train_data`
-    is given, else the training splits of the named tasks; `limit` keeps the first items of each
-    task (or of the file)."""
+    """Training items (instruction, input, output) of `train_data` when given: a named set
+    (`TRAIN_SETS`: dolly), an LLM-Adapters JSON file (Math10K, Commonsense15K), a JSONL file in
+    MiniLLM's format, or a hub dataset id with instruction/input/output columns; else the training
+    splits of the named tasks. `limit` keeps the first items of each task (or of the data)."""
     if train_data:
-        return _read_training_data(train_data)[:limit]
+        return _read_training_data(train_data, data_root)[:limit]
     return [it for task in resolve_tasks(train_tasks) for it in load_items(task, data_root, split="train", limit=limit)]
 
 
-def _read_training_data(train_data: str) -> list[dict]:
-    path = Path(train_data)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"training data file {train_data!r} does not exist")
-        items = _read_json(path)
-        for i, it in enumerate(items):
-            missing = [k for k in ("instruction", "output") if not isinstance(it, dict) or k not in it]
-            if missing:
-                raise ValueError(f"{path}: item {i} lacks {missing}")
-        return items
-    from datasets import load_dataset
+def training_data_file(train_data: str, data_root: str | Path | None = None) -> Path:
+    """The local file `train_data` names (a path, or where a named set is looked for first)."""
+    if train_data in TRAIN_SETS:
+        ts = TRAIN_SETS[train_data]
+        root = Path(data_root) if data_root is not None else default_data_root(ts.data_home)
+        return root / ts.local_dir / ts.file
+    return Path(train_data)
 
-    try:
-        rows = load_dataset(train_data, split="train")
-    except Exception as err:  # datasets raises several types for a missing/unreachable dataset
-        raise FileNotFoundError(f"training data {train_data!r} is neither a local JSON file nor a loadable hub "
-                                f"dataset ({err.__class__.__name__}); give a local LLM-Adapters JSON path") from err
-    missing = {"instruction", "output"} - set(rows.column_names)
+
+def _training_item(where: str, r: dict) -> dict:
+    missing = [k for k in ("instruction", "output") if not isinstance(r, dict) or k not in r]
     if missing:
-        raise ValueError(f"hub dataset {train_data!r} lacks columns {sorted(missing)}")
-    return [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
+        raise ValueError(f"{where} lacks {missing}")
+    return {**r, "input": r.get("input") or "", "output": references(r, where)[0]}
+
+
+def _read_training_data(train_data: str, data_root: str | Path | None = None) -> list[dict]:
+    path = training_data_file(train_data, data_root)
+    named = TRAIN_SETS.get(train_data)
+    if path.is_file():
+        records = _records(path)
+    elif named is not None:
+        rows = _load_hub(named.hf_dataset, None, "train", named.file, f"training data {train_data!r}",
+                         f"put MiniLLM's {named.file} at {path}")
+        records = [(f"{named.hf_dataset}/{named.file}: record {i}", CONVERTERS[named.hf_converter](r))
+                   for i, r in enumerate(rows)]
+    elif path.suffix in (".json", ".jsonl") or path.exists():
+        raise FileNotFoundError(f"training data file {train_data!r} does not exist")
+    else:
+        from datasets import load_dataset
+
+        try:
+            rows = load_dataset(train_data, split="train")
+        except Exception as err:  # datasets raises several types for a missing/unreachable dataset
+            raise FileNotFoundError(f"training data {train_data!r} is neither a local JSON file, a named set "
+                                    f"{sorted(TRAIN_SETS)}, nor a loadable hub dataset ({err.__class__.__name__}); "
+                                    "give a local LLM-Adapters JSON path") from err
+        missing = {"instruction", "output"} - set(rows.column_names)
+        if missing:
+            raise ValueError(f"hub dataset {train_data!r} lacks columns {sorted(missing)}")
+        records = [(f"{train_data}: record {i}", r) for i, r in enumerate(rows)]
+    if named is not None:
+        records = records[named.held_out:]
+    return [_training_item(where, r) for where, r in records]
 
 
 # --- prompts and reference responses ------------------------------------------------------------
@@ -562,7 +693,7 @@ def can_score(task: Task | str, scorer: str) -> bool:
     task = get_task(task)
     if scorer in ("loglik", "loglik_norm"):
         return task.loglik is not None
-    return scorer == "generate" or task.answer_kind != "number"
+    return scorer == "generate" or bool(task.options)
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -579,9 +710,12 @@ def _option_regex(options: tuple[str, ...]) -> re.Pattern:
 
 
 def extract_answer(task: Task | str, text: str) -> str | None:
-    """The answer a model output states (see the module docstring), or None."""
+    """The answer a model output states (see the module docstring), or None (always for text
+    tasks: a free-form response is scored whole, by `item_score`)."""
     task = get_task(task)
     text = (text or "").strip()
+    if task.answer_kind == "text":
+        return None
     if task.answer_kind == "number":
         found = _NUMBER.findall(text.replace(",", ""))
         return found[-1].rstrip(".") if found else None  # "5." (sentence end) -> "5"
@@ -590,11 +724,41 @@ def extract_answer(task: Task | str, text: str) -> str | None:
 
 
 def is_correct(task: Task | str, text: str, label: str) -> bool:
-    """Whether the model output `text` states the gold `label`."""
+    """Whether the model output `text` states the gold `label` (for text tasks: matches the
+    reference `label` in every ROUGE-L token, F1 100)."""
     task = get_task(task)
+    if task.answer_kind == "text":
+        return rouge_l(text, label) == 100.0
     pred = extract_answer(task, text)
     if pred is None:
         return False
     if task.answer_kind == "number":
         return abs(float(pred) - _label_value(task, label)) <= _MISS
     return pred == str(label).strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer  # imports nltk: only when text is scored
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, refs: str | Sequence[str]) -> float:
+    """ROUGE-L F1 (0-100) of `prediction` against the best of `refs`, as MiniLLM's rouge_metric.py:
+    Google's rouge-score, rougeL, Porter stemmer, its default tokenizer (lowercase, every run of
+    characters other than a-z and 0-9 is a separator, so non-ASCII letters are dropped). An empty
+    prediction or reference scores 0."""
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    if not refs:
+        raise ValueError("rouge_l needs at least one reference")
+    scorer = _rouge_scorer()
+    return 100.0 * max(scorer.score(target=r, prediction=prediction or "")["rougeL"].fmeasure for r in refs)
+
+
+def item_score(task: Task | str, text: str, item: dict) -> float:
+    """The score of one output on one item (0-100): ROUGE-L for text tasks, else 100 * correct."""
+    task = get_task(task)
+    if task.answer_kind == "text":
+        return rouge_l(text, item["references"])
+    return 100.0 * is_correct(task, text, item["answer"])

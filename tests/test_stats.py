@@ -215,6 +215,13 @@ def test_all_hypotheses_skips_absent_and_small_inputs():
     assert not {"H5_fidelity", "H2_teacher_accuracy"} & set(table["hypothesis"])
     lines = st.describe_hypotheses(table)
     assert lines[0].startswith("H1 (KD > SFT), math: mean gain") and "t1" in lines[0]
+    significant = (table["method"] == "all") & (table["p_holm"] < 0.05)
+    assert set(table.loc[significant & (table["test"] == "ttest"), "hypothesis"]) == {"H1"}
+    short = st.describe_hypotheses(table, collapse=True)
+    assert short[0] == lines[0], "a significant hypothesis keeps its sentence"
+    assert short[-1].startswith("Not significant after Holm at 0.05: H3 (gain vs student size), math (p=")
+    assert "; H4 (gain vs teacher-student agreement), math (p=" in short[-1]
+    assert len(short) == 2
 
 
 def test_mixed_model_recovers_slope_and_warns_when_singular():
