@@ -66,7 +66,7 @@ def _cells_section(grid) -> list:
     """Every cell of the grid with a link to its executed notebook (relative to the report)."""
     rows = [f"| {c.stage} | {c.name} | [{c.id}]({c.stage}/{c.id}/notebook.ipynb) |" for c in grid.cells
             if (c.output_dir(grid.study_dir) / "notebook.ipynb").exists()]
-    return [nbformat.v4.new_markdown_cell("## Every cell's executed notebook\n\n| stage | cell | notebook |\n|---|---|---|\n"
+    return [nbformat.v4.new_markdown_cell("# Every cell's executed notebook\n\n| stage | cell | notebook |\n|---|---|---|\n"
                                           + "\n".join(rows))]
 
 

@@ -33,7 +33,8 @@ def test_overlap_table_counts_each_tasks_test_items_found_in_training():
 
 def _study(tmp_path, train_items, **training):
     data = tmp_path / "data"
-    test = [{"instruction": f"Question {i}: is {i} even?", "input": "", "output": "", "answer": "true"}
+    test = [{"instruction": f"Question {i}: is {i} even?", "input": "", "output": "the correct answer is true",
+             "answer": "true"}
             for i in range(50)]
     (data / "boolq").mkdir(parents=True)
     (data / "boolq" / "test.json").write_text(json.dumps(test))

@@ -68,12 +68,14 @@ def _runs(study: Path) -> list[dict]:
 
 def test_the_gguf_teacher_and_the_pruned_student_are_made_once_in_the_prepare_stage(study):
     path, _ = study
-    made = {m["model"]: m for m in _metrics(path, "prepare") if "source" in m}
+    cells = {m.parent: json.loads(m.read_text()) for m in sorted((path / "prepare").glob("*/metrics.json"))}
+    made = {m["model"]: (folder, m) for folder, m in cells.items() if "source" in m}
     assert set(made) == {"smollm2", "smol-l4"}
-    assert made["smollm2"]["source"] == "gguf" and made["smollm2"]["params"] == 134_515_008
-    assert made["smol-l4"]["kept_layers"] == [0, 1, 28, 29]
-    manifest = json.loads(next((path / "prepare").glob("*/model/kd_manifest.json")).read_text())
-    assert manifest["source"] in {"gguf", "pruned"}
+    assert made["smollm2"][1]["source"] == "gguf" and made["smollm2"][1]["params"] == 134_515_008
+    assert made["smol-l4"][1]["kept_layers"] == [0, 1, 28, 29]
+    for name, source in (("smollm2", "gguf"), ("smol-l4", "pruned")):
+        manifest = json.loads((made[name][0] / "model" / "kd_manifest.json").read_text())
+        assert manifest["source"] == source, name
 
 
 def test_teacher_trains_lora_and_the_pruned_student_trains_every_weight(study):
