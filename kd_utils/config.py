@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .methods import METHODS
+from .names import METHODS, MICRO_SIZES
 from .model_sources import PRUNE_RULES
 from .tasks import SCORERS, can_score, resolve_tasks
 
@@ -81,7 +81,6 @@ class ModelSpec(Strict):
             raise ValueError("give exactly one of 'micro' (a micro size), 'path' (hub id or local directory), "
                              f"'gguf' (a GGUF file) or 'prune' (layers of another model); got {sources or 'none'}")
         if self.micro is not None:
-            from .models import MICRO_SIZES
             if self.micro not in MICRO_SIZES:
                 raise ValueError(f"unknown micro size {self.micro!r}; known: {sorted(MICRO_SIZES)}")
         return self
@@ -433,7 +432,6 @@ def load_study(path: str | Path, overrides: dict | None = None) -> StudyConfig:
 
 
 def _warn_sizes(cfg: StudyConfig, path: Path) -> None:
-    from .models import MICRO_SIZES
     order = list(MICRO_SIZES)
     for t, s in cfg.kd_pairs():
         mt, ms = cfg.models[t].micro, cfg.models[s].micro

@@ -68,7 +68,7 @@ def _param_count(cfg: StudyConfig, name: str) -> float:
     headers, GGUF tensor infos; a pruned model counts its kept layers), else the size in its name."""
     spec = cfg.models[name]
     if spec.micro:
-        from .models import MICRO_SIZES
+        from .names import MICRO_SIZES
         s, v = MICRO_SIZES[spec.micro], cfg.world.vocab_size
         kv = s.hidden // s.heads * s.kv_heads
         return v * s.hidden + s.layers * (2 * s.hidden * s.hidden + 2 * s.hidden * kv + 3 * s.hidden * s.ffn)

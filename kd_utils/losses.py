@@ -86,6 +86,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .names import WORD_LEVEL
+
 from .chunking import budget_bytes, row_map, rows_within
 
 __all__ = [
@@ -188,6 +190,8 @@ OBJECTIVES: dict[str, Objective] = {
     "skew_rkl": _skew_rkl,
     "tvd": _tvd,
 }
+if tuple(OBJECTIVES) != WORD_LEVEL:  # the names are declared once, torch-free, in kd_utils.names
+    raise ImportError(f"kd_utils.losses.OBJECTIVES {tuple(OBJECTIVES)} differ from kd_utils.names.WORD_LEVEL")
 
 
 # --------------------------------------------------------------------------- validation

@@ -21,11 +21,9 @@ import torch.nn.functional as F
 
 from .chunking import budget_bytes, decode_batch
 from .data import IGNORE, Example, collate
-from .losses import OBJECTIVES, add_logit_noise, kd_loss
+from .losses import add_logit_noise, kd_loss
+from .names import METHODS, WORD_LEVEL  # noqa: F401 (re-exported: the methods' names live in kd_utils.names)
 from .training import Batch, Objective
-
-WORD_LEVEL = tuple(OBJECTIVES)
-METHODS = ("sft", "seqkd", "gkd") + WORD_LEVEL
 
 
 @dataclass(frozen=True)

@@ -8,30 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-
-@dataclass(frozen=True)
-class MicroSize:
-    """Shape of one member of the micro Qwen2 family."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-
-
-MICRO_SIZES: dict[str, MicroSize] = {
-    "micro-xs": MicroSize(hidden=32, layers=2, heads=4, kv_heads=2, ffn=96),
-    "micro-s": MicroSize(hidden=64, layers=2, heads=4, kv_heads=2, ffn=192),
-    "micro-m": MicroSize(hidden=96, layers=4, heads=4, kv_heads=2, ffn=288),
-    "micro-l": MicroSize(hidden=128, layers=4, heads=4, kv_heads=2, ffn=384),
-}
+from .names import MICRO_SIZES
 
 
 def build_micro_model(size: str, vocab_size: int, max_positions: int = 256, seed: int = 0,

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-METHOD_ORDER = ["fkl", "rkl", "gjsd", "skew_fkl", "skew_rkl", "tvd", "seqkd", "gkd"]
+from .names import METHOD_ORDER
 
 
 def _methods(values) -> list[str]:

@@ -350,3 +350,15 @@ def test_the_statistics_scorer_is_one_the_evaluation_ran(tmp_path):
     cfg = load_study(_write(tmp_path, {**BASE, "stats": {"scorer": "loglik"},
                                        "evaluation": {"extra_scorers": ["loglik"]}}))
     assert cfg.stats.scorer_of(cfg.evaluation) == "loglik"
+
+
+def test_validating_params_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from kd_utils.config import load_study; "
+            "[load_study(p) for p in ('params/micro.yaml', 'params/paper_qwen_math.yaml')]; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
