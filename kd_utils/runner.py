@@ -863,8 +863,9 @@ def run(
             )
         _tidy(study, {c.stage for c in ordered}, owner)
         log(format_plan(_table(selected, study)))
-        redo = (lambda c: True) if force else (  # noqa: E731
-            (lambda c: provenance.is_stale(c.output_dir(study), c.notebook)) if rerun_stale else (lambda c: False))
+        def redo(c: Cell) -> bool:
+            return force or (rerun_stale and provenance.is_stale(c.output_dir(study), c.notebook))
+
         results = {c.id: CellResult(c, "done") for c in selected if c.is_complete(study) and not redo(c)}
         to_run = [c for c in selected if c.id not in results]
         rerun = sum(c.is_complete(study) for c in to_run)

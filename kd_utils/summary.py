@@ -120,14 +120,18 @@ def _paired(runs: pd.DataFrame, pair_on: list[str], side: str, first, second) ->
     return (a - b).dropna()
 
 
+def _several(main: pd.DataFrame, key: str, other: str) -> pd.DataFrame:
+    """The rows whose `key` (a teacher or student) comes with more than one `other`."""
+    return main[main.groupby(key)[other].transform("nunique") > 1]
+
+
 def h3_student_size(runs: pd.DataFrame) -> Finding | None:
     """Gain of the smallest minus the largest student of one teacher, paired by method and seed."""
     main = _main(runs)
-    per_teacher = main.groupby("teacher")["student"].nunique()
-    teachers = per_teacher[per_teacher > 1].index
-    if not len(teachers):
+    candidates = _several(main, "teacher", "student")
+    if candidates.empty:
         return None
-    teacher = main[main["teacher"].isin(teachers)].sort_values("teacher_params").iloc[-1]["teacher"]
+    teacher = candidates.sort_values("teacher_params").iloc[-1]["teacher"]
     mine = main[main["teacher"] == teacher]
     sizes = mine.groupby("student")["student_params"].first().sort_values()
     small, large = sizes.index[0], sizes.index[-1]
@@ -141,11 +145,10 @@ def h3_student_size(runs: pd.DataFrame) -> Finding | None:
 def h2_teacher_accuracy(runs: pd.DataFrame) -> Finding | None:
     """Gain from a student's more accurate teacher minus from its less accurate one."""
     main = _main(runs)
-    per_student = main.groupby("student")["teacher"].nunique()
-    students = per_student[per_student > 1].index
-    if not len(students):
+    candidates = _several(main, "student", "teacher")
+    if candidates.empty:
         return None
-    student = main[main["student"].isin(students)].sort_values("student_params").iloc[0]["student"]
+    student = candidates.sort_values("student_params").iloc[0]["student"]
     mine = main[main["student"] == student]
     acc = mine.groupby("teacher")["teacher_accuracy"].mean().sort_values()
     weak, strong = acc.index[0], acc.index[-1]
