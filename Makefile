@@ -2,7 +2,7 @@
 # make test    set up .venv and run the tests (slow end-to-end tests excluded)
 # make quick   the quick micro grid (params/micro_quick.yaml)
 # make lab     JupyterLab on the repository (notebooks/ and outputs/), opened at notebooks/, with the project's kernel
-# make bench   the benchmarks (results in outputs/benchmarks/; about 30 min: bench_study.py runs the micro-study twice)
+# make bench   the benchmarks (results in outputs/benchmarks/; bench_study.py runs the micro-study twice: 20 min each on 2 cores, 2026-11-30)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
