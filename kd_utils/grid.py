@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(grid.cells, study, executor=executor, max_workers=args.max_workers or cfg.executor.get("max_workers"),
                   only=args.only, force=args.force, rerun_stale=args.rerun_stale,
                   threads_per_worker=args.threads_per_worker or cfg.executor.get("threads_per_worker"),
-                  cwd=REPO, slurm=cfg.executor.get("slurm"))
+                  cwd=REPO, slurm=cfg.executor.get("slurm"), warm=cfg.executor.get("warm_kernels", True))
     print(summary.format())
     if summary.ok and not args.no_report and not args.only:
         from .report import render_report

@@ -50,7 +50,7 @@ from typing import IO, TYPE_CHECKING, Any
 import pandas as pd
 from tqdm import tqdm
 
-from . import provenance
+from . import provenance, warm_kernels
 
 if TYPE_CHECKING:
     import submitit
@@ -402,6 +402,7 @@ class _Task:
     cwd: str
     kernel_name: str
     threads: int
+    warm: bool  # fork the kernel from a warm server (kd_utils.warm_kernels) instead of starting it cold
     seen: tuple[int, int] | None  # the result present when planned (force), None if none
     owner: str
 
@@ -471,10 +472,15 @@ class _KernelWatch:
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
-        status = Path(f"/proc/{self.process.pid}/status")
+        pid_file = os.environ.get(warm_kernels.PID_FILE_ENV, "")
+        pid = self.process.pid
         while not self.stopped.is_set():
+            if pid == self.process.pid and os.path.isfile(pid_file):  # a warm kernel: its client names it
+                with contextlib.suppress(OSError, ValueError):
+                    pid = int(Path(pid_file).read_text())
             try:
-                hwm = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM:")), None)
+                hwm = next((line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                            if line.startswith("VmHWM:")), None)
             except OSError:
                 return
             if hwm is None:  # a zombie: it has exited
@@ -484,7 +490,11 @@ class _KernelWatch:
 
     def cause(self) -> str:
         """Why the kernel died, when a signal killed it ("" otherwise)."""
-        code = self.process.poll() if self.process is not None else None
+        if self.process is None:
+            return ""
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a warm kernel's client ends just after it
+            self.process.wait(timeout=3)
+        code = self.process.poll()
         if code is None or code >= 0:
             return ""
         text = f"the kernel was killed by signal {signal.Signals(-code).name}"
@@ -495,9 +505,10 @@ class _KernelWatch:
         return text
 
 
-def _kernel_config(folder: Path, watch: _KernelWatch) -> Any:
+def _kernel_config(folder: Path, watch: _KernelWatch, warm: bool) -> Any:
     """Kernel channels as Unix sockets in a private folder, not TCP ports, and a kernel manager
-    that hands the kernel's process to ``watch``.
+    that hands the kernel's process to ``watch`` (and, when ``warm``, forks it from the worker's
+    warm-kernel server).
 
     Over TCP the kernel manager picks free ports and the kernel binds them later; meanwhile another
     worker's kernel or connection can take one, and the kernel dies ("Address already in use").
@@ -509,6 +520,11 @@ def _kernel_config(folder: Path, watch: _KernelWatch) -> Any:
         async def start_kernel(self, **kw: Any) -> None:
             await super().start_kernel(**kw)
             watch.start(self.provisioner.process)
+
+        def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
+            if warm:
+                return warm_kernels.kernel_command(self.connection_file)
+            return super().format_kernel_cmd(extra_arguments)
 
     return Config({"NotebookClient": {"kernel_manager_class": WatchedKernelManager},
                    "KernelManager": {"transport": "ipc", "ip": str(folder / "kernel")}})
@@ -530,14 +546,16 @@ def _run_notebook(task: _Task) -> _Outcome:
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if _PACKAGE_ROOT not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, *paths) if p)
+    warm = task.warm and _warm_server(task.threads)
     with open(log_path, "a") as log, _fds_redirected(log):
         log.write(
             f"==== {datetime.now().isoformat(timespec='seconds')} {cell.stage} {cell.name} [{cell.id}] "
-            f"{_owner()}, {threads} threads\n"
+            f"{_owner()}, {threads} threads{', warm kernel' if warm else ''}\n"
         )
         log.flush()
         offset = log_path.stat().st_size
         sockets = tempfile.mkdtemp(prefix=f"{_SOCKETS_PREFIX}{cell.id}-")
+        os.environ[warm_kernels.PID_FILE_ENV] = os.path.join(sockets, "kernel.pid")
         watch = _KernelWatch()
         try:
             papermill.execute_notebook(
@@ -550,7 +568,7 @@ def _run_notebook(task: _Task) -> _Outcome:
                 log_output=False,
                 stdout_file=log,
                 stderr_file=log,
-                config=_kernel_config(Path(sockets), watch),
+                config=_kernel_config(Path(sockets), watch, warm),
             )
             if not (tmp / "metrics.json").is_file():
                 raise RuntimeError("notebook did not write metrics.json")
@@ -577,6 +595,34 @@ def _run_notebook(task: _Task) -> _Outcome:
     return _Outcome("ran", time.monotonic() - start)
 
 
+_warm: dict[str, Any] = {}  # this worker's warm-kernel server: process, folder, threads
+
+
+def _warm_server(threads: int) -> bool:
+    """Have a warm-kernel server for kernels of `threads` threads running in this worker (started
+    on first use, restarted if it died or the thread count changed); False if it cannot start."""
+    server = _warm.get("process")
+    if server is not None and server.poll() is None and _warm["threads"] == threads:
+        return True
+    _stop_warm_server()
+    folder = tempfile.mkdtemp(prefix="kd-warm-")
+    try:
+        _warm.update(process=warm_kernels.start_server(folder), folder=folder, threads=threads)
+    except RuntimeError as exc:
+        print(f"{exc}; kernels start cold", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+        return False
+    return True
+
+
+def _stop_warm_server() -> None:
+    if _warm:
+        _warm["process"].terminate()
+        _warm["process"].wait()
+        shutil.rmtree(_warm["folder"], ignore_errors=True)
+        _warm.clear()
+
+
 # ---------------------------------------------------------------- executors
 
 
@@ -589,6 +635,7 @@ def _serve() -> None:
         try:
             task = pickle.load(tasks)
         except EOFError:
+            _stop_warm_server()
             return
         try:
             outcome = _execute(task)
@@ -821,6 +868,7 @@ def run(
     kernel_name: str = "python3",
     slurm: Mapping[str, Any] | None = None,
     wait_timeout_s: float | None = None,
+    warm: bool = True,
 ) -> RunSummary:
     """Execute the incomplete cells of the grid (all selected ones with ``force``) in dependency order.
 
@@ -836,6 +884,8 @@ def run(
         max_workers caps the jobs in flight; wait_timeout_s cancels jobs unfinished that long after
         submission. The local executor ignores ``slurm`` and ``wait_timeout_s``.
     cwd: the kernel's working directory; default the notebook's folder (as in Jupyter).
+    warm: local workers fork each kernel from a server that has imported the study's modules
+        (kd_utils.warm_kernels; Linux and macOS, kernel "python3" only), instead of a cold start.
     Failed cells leave ``<stage>/<id>.failed/``; cells depending on them are "blocked";
     a cell held by another live runner is "locked". Returns the summary; ``summary.ok`` is False
     unless every selected cell is complete.
@@ -889,6 +939,7 @@ def run(
                     cell=cell, notebook=str(notebook), study_dir=str(study),
                     cwd=str(Path(cwd).resolve() if cwd is not None else notebook.parent), kernel_name=kernel_name,
                     threads=threads or int(cell.resources.get("cpus", threads_per_worker or 1)),
+                    warm=warm and executor == "local" and kernel_name == "python3" and hasattr(os, "fork"),
                     seen=seen[cell.id], owner=owner,
                 )
 
