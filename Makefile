@@ -2,7 +2,7 @@
 # make test    set up .venv and run the tests (slow end-to-end tests excluded)
 # make quick   the quick micro grid (params/micro_quick.yaml)
 # make lab     JupyterLab on the repository (notebooks/ and outputs/), opened at notebooks/, with the project's kernel
-# make bench   the benchmarks (results in outputs/benchmarks/; bench_study.py runs the micro-study twice: 20 min each on 2 cores, 2026-11-30)
+# make bench   the benchmarks (results in outputs/benchmarks/; bench_study.py runs the micro-study twice: about 14 min each on 2 cores, 2026-11-30)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -48,7 +48,7 @@ bench: venv
 	for b in tests/benchmarks/bench_*.py; do $(BIN)/python $$b --out outputs/benchmarks || exit 1; done
 
 reproduce: venv
-	$(BIN)/python -m kd_utils.stats reproduce --kd-generalization $(addprefix $(REF)/,math_results_main.csv llama_math_results.csv EM1.csv BLEU.csv) --out outputs/reproduce
+	$(BIN)/python -m kd_utils.authors_tables reproduce --kd-generalization $(addprefix $(REF)/,math_results_main.csv llama_math_results.csv EM1.csv BLEU.csv) --out outputs/reproduce
 
 clean-outputs:
 	rm -rf outputs/micro outputs/micro_quick

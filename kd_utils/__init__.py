@@ -14,16 +14,28 @@ Modules, one job each:
   training      the training loop (optimiser, accumulation, validation, best checkpoint)
   methods       the recipes: SFT, word-level KD, SeqKD, on-policy GKD
   distill       one training run (a distill cell)
-  teacher_cache the offline teacher-signal cache
+  locks         exclusive file locks that name their holder (runner, teacher cache)
+  cache_keys    the teacher cache's and SeqKD store's keys: a hash of what determines them
+  cache_shards  the teacher cache on disk: shards and manifest, written and read back checked
+  cache_signal  the teacher signal a cache stores (top-k, logZ, exact tail, sampled tail tokens)
+  cache_build   building a teacher cache within the memory budget, or reusing a valid one
+  teachers      the teacher signal a run reads: cached, cached + live (GKD), the cache probe
+  seqkd_store   SeqKD's stored teacher generations
+  teacher_cache one teacher-cache build (a prepare cell)
   tasks         the declarative task registry and answer extraction
+  schema        the columns of the shared tables (results.csv, fidelity.csv, gains, hypotheses)
   evaluation    zero-shot generation and scoring
   evaluate_run  one evaluation run (an evaluate cell)
   fidelity      teacher-student agreement and rationale similarity
-  stats         the hypothesis tests of the paper
   results       the tidy results and fidelity tables
+  gains         the gain table: KD accuracy minus the student's SFT accuracy, per configuration
+  hypotheses    the hypothesis tests of the paper, effect sizes, Holm / BH corrections
+  prose         the hypothesis table as plain-English sentences
+  mixed_model   a random-intercept model of the gains (beyond the paper)
+  authors_tables the authors' published tables parsed, and their analysis rerun (CLI)
   ablation      the ablation views
   plots         the report figures
-  runner        cell execution: papermill, resume, failure isolation, executors
+  engine        the notebook-DAG engine (cells, plan, locks, workers, local and SLURM executors, run)
   grid          params -> cells, and the `plan` / `run` / `report` CLI
   report        the rendered HTML report
   explore       a finished study from a notebook: `kd_utils.open_study("micro")`

@@ -6,17 +6,18 @@ for a typo, suggests the closest valid key, before any compute starts.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .names import METHODS, MICRO_SIZES
 from .model_sources import PRUNE_RULES
-from .tasks import SCORERS, can_score, resolve_tasks
+from .tasks import DOMAINS, SCORERS, can_score, resolve_tasks
 
 
 class Strict(BaseModel):
@@ -92,14 +93,19 @@ class ModelSpec(Strict):
         return self.finetune == "lora"
 
 
-class PretrainConfig(Strict):
+class PretrainSettings(Strict):
+    """How micro models are pretrained on the generic corpus: the settings one model's run takes."""
+
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    batch_size: int = Field(32, gt=0, description="blocks per step")
+    block: int = Field(64, gt=8, description="tokens per block of the packed corpus")
+    warmup_steps: int = Field(50, ge=0, description="linear warmup steps")
+
+
+class PretrainConfig(PretrainSettings):
     """Pretraining of micro models on the generic corpus (steps per model name)."""
 
-    steps: dict[str, int] = Field(default_factory=dict)
-    lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(32, gt=0)
-    block: int = Field(64, gt=8)
-    warmup_steps: int = Field(50, ge=0)
+    steps: dict[str, int] = Field(default_factory=dict, description="pretraining steps per micro model name")
 
 
 class LoraConfig(Strict):
@@ -174,6 +180,13 @@ class TrainingConfig(Strict):
         return self.batch_size
 
 
+def _positive_temperatures(cls, v: list[float]) -> list[float]:
+    """The field validator of every `temperatures` list: each one positive."""
+    if any(t <= 0 for t in v):
+        raise ValueError(f"temperatures must be positive: {v}")
+    return v
+
+
 class KDConfig(Strict):
     """The KD axes of the grid and the options of every KD method."""
 
@@ -208,12 +221,7 @@ class KDConfig(Strict):
                 raise ValueError(f"unknown KD method {m!r}{_suggest(m, kd_methods)}; known: {', '.join(kd_methods)}")
         return v
 
-    @field_validator("temperatures")
-    @classmethod
-    def _temps(cls, v: list[float]) -> list[float]:
-        if any(t <= 0 for t in v):
-            raise ValueError(f"temperatures must be positive: {v}")
-        return v
+    _temps = field_validator("temperatures")(_positive_temperatures)
 
 
 class EvalConfig(Strict):
@@ -224,7 +232,13 @@ class EvalConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     sample_seeds: list[int] = [0]
-    max_new_tokens: dict[str, int] = {"math": 48, "commonsense": 8, "instruction": 128}
+    max_new_tokens: dict[str, int] = Field(default_factory=dict, description=(
+        "new tokens decoded per domain (math, commonsense, instruction): an entry overrides the budget of "
+        "that domain's tasks, a domain not named (or no key at all) keeps each task's own budget, "
+        "kd_utils.tasks.Task.max_new_tokens (its domain's tasks.MAX_NEW_TOKENS: 256 math and 32 commonsense "
+        "as LLM-Adapters, 256 instruction). The one default is the registry's: before, an absent key meant "
+        "48/8/128 but a partial one the registry's for the domains it left out; every params/*.yaml names "
+        "the domains it evaluates, so their budgets are unchanged"))
     scorer: Scorer = Field("generate", description=(
         "the accuracy of results.csv and of the statistics: generate (the paper's), loglik, loglik_norm "
         "(lm-evaluation-harness acc / acc_norm) or loglik_label (kd_utils.tasks.SCORERS)"))
@@ -234,6 +248,16 @@ class EvalConfig(Strict):
     stop_strings: list[str] = Field(default_factory=list, description=(
         "generation stops before the first of these (the authors keep the text up to the next '### Response:')"))
     data_root: str | None = None
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _budgets(cls, v: dict[str, int]) -> dict[str, int]:
+        for domain, n in v.items():
+            if domain not in DOMAINS:
+                raise ValueError(f"unknown domain {domain!r}{_suggest(domain, DOMAINS)}; known: {', '.join(DOMAINS)}")
+            if n < 1:
+                raise ValueError(f"{domain}: at least 1 new token, got {n}")
+        return v
 
     @field_validator("stop_strings")
     @classmethod
@@ -364,8 +388,8 @@ def _unreachable(path: str) -> str | None:
     if path.startswith(("/", ".", "~")):
         return f"{path!r} does not exist"
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from .models import _in_hub_cache
-        if not _in_hub_cache(path):
+        from .models import in_hub_cache
+        if not in_hub_cache(path):
             return f"{path!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE=1"
     return None
 
@@ -401,14 +425,19 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def format_errors(err: ValidationError, source: str, model: type[BaseModel] = StudyConfig) -> str:
-    lines = [f"invalid params in {source}:"]
+    return "\n".join([f"invalid params in {source}:", *_error_lines(err, model)])
+
+
+def _error_lines(err: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per validation error: the key, and for an unknown key the closest valid one."""
+    lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + _suggest(e["loc"][-1], _fields_at(model, e["loc"]))
         lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+    return lines
 
 
 def load_study(path: str | Path, overrides: dict | None = None) -> StudyConfig:
@@ -439,27 +468,137 @@ def _warn_sizes(cfg: StudyConfig, path: Path) -> None:
             warnings.warn(f"{path}: student {s!r} is not smaller than its teacher {t!r}", stacklevel=3)
 
 
-class DistillJob(Strict):
+# --- notebook jobs ---------------------------------------------------------------------------------
+#
+# One typed job per notebook (NOTEBOOK_JOBS), declared once: a notebook's `parameters` cell declares
+# exactly its job's fields plus the job's `notebook_only` names (tests/test_notebook_jobs.py), the grid
+# builds every cell's parameters as `job_params(SomeJob(...))`, and a notebook builds its job with
+# `job_from_namespace`, which refuses a parameter that is not a field instead of dropping it.
+
+RERUN_NAMES = ("cell_dir", "study_dir", "rerun")
+
+
+class NotebookJob(Strict):
+    """The validated parameters of one notebook run; one subclass per notebook (NOTEBOOK_JOBS)."""
+
+    #: the names a notebook's `parameters` cell declares besides the job's fields: `cell_dir` (where a run
+    #: writes; the runner sets it) and, in notebooks that re-run a study's cell when opened as they are,
+    #: `study_dir` and `rerun` (RERUN_NAMES: which study, which cell)
+    notebook_only: ClassVar[tuple[str, ...]] = ("cell_dir",)
+
+    def params(self) -> dict:
+        """The job as notebook parameters (JSON values; a `memory` field as :func:`memory_params`)."""
+        params = self.model_dump(mode="json")
+        if "memory" in type(self).model_fields:
+            del params["memory"]
+            params.update(memory_params(self.memory))
+        return params
+
+
+class WorldJob(NotebookJob):
+    """The procedural micro world: the parameters of a `00_world` notebook, validated."""
+
+    world: WorldConfig = Field(WorldConfig(), description="the study's `world` section (WorldConfig fields)")
+
+    def params(self) -> dict:
+        """`instruction` only when set (:func:`world_params`), so that worlds without it keep their cells' ids."""
+        return {"world": world_params(self.world)}
+
+
+class PretrainJob(NotebookJob):
+    """One micro model pretrained on the world's generic corpus: the parameters of a `01_pretrain` notebook."""
+
+    notebook_only: ClassVar[tuple[str, ...]] = RERUN_NAMES
+
+    model: str = Field(description="the model's name in the study")
+    micro: str = Field(description="its size: a name in kd_utils.names.MICRO_SIZES")
+    world_dir: str = Field(description="the world cell's folder (its tokenizer/ and corpus.txt); empty in the "
+                                       "notebook as opened: it re-runs the study's cell `rerun`")
+    pretrain: PretrainSettings = Field(PretrainSettings(), description=(
+        "the study's `pretrain` section without its per-model steps (lr, batch_size, block, warmup_steps)"))
+    steps: int = Field(gt=0, description="optimizer steps: this model's entry of pretrain.steps")
+    seed: int = Field(0, description="initialisation and batch-order seed (the study's first seed)")
+
+    @field_validator("micro")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if v not in MICRO_SIZES:
+            raise ValueError(f"unknown micro size {v!r}{_suggest(v, MICRO_SIZES)}; known: {', '.join(MICRO_SIZES)}")
+        return v
+
+
+class ModelJob(NotebookJob):
+    """One real model made ready for the grid: the parameters of a `02_model` notebook, validated."""
+
+    model: str = Field(description="the model's name in the study")
+    gguf: str | None = Field(None, description="convert this GGUF (file or 'distribution:path') to a saved model")
+    source_path: str | None = Field(None, description="prune this saved model (a folder; then gguf is None)")
+    keep: int | None = Field(None, gt=0, description="pruning: how many of its layers to keep")
+    rule: PruneRule = Field("even", description="pruning: which layers, 'even', 'first' or 'ends' "
+                                                "(PruneSpec.rule)")
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelJob":
+        if (self.gguf is None) == (self.source_path is None):
+            raise ValueError("give exactly one of 'gguf' (convert) or 'source_path' (prune)")
+        if (self.source_path is None) != (self.keep is None):
+            raise ValueError("pruning needs both 'source_path' and 'keep'")
+        return self
+
+
+class CacheJob(NotebookJob):
+    """One teacher signal cached over the training set: the parameters of a `05_teacher_cache` notebook."""
+
+    notebook_only: ClassVar[tuple[str, ...]] = RERUN_NAMES
+
+    teacher: str = Field(description="the teacher's model name in the study")
+    teacher_path: str = Field(description="the teacher model's folder or hub id; empty in the notebook as opened: "
+                                          "it re-runs the study's cell `rerun`")
+    teacher_kind: Literal["sft", "base"] = Field(description="the teacher as fine-tuned (sft) or its base model")
+    noise: float = Field(0.0, ge=0, description="sigma of the Gaussian noise added to the teacher's logits")
+    noise_seed: int = Field(0, description="seed of the noise draw (kd_utils.methods.noise_seed)")
+    temperatures: list[float] = Field(min_length=1, description=(
+        "the temperatures whose log-normalisers are stored: every temperature of this teacher's KD runs"))
+    training: TrainingConfig = Field(description=(
+        "the teacher's training section: which examples the cache covers (train_tasks / train_data, limit, "
+        "max_length, n_val, truncation)"))
+    kd: KDConfig = Field(KDConfig(), description="the study's kd section (cache_k, cache_samples)")
+    data_root: str | None = Field(None, description="the task data's folder (the micro world's data/); "
+                                                    "None: the default data root")
+    cache_root: str = Field("outputs/cache", description="folder of the teacher caches")
+    generations: bool = Field(False, description="also make SeqKD's greedy teacher generations")
+    authors: bool = Field(False, description="the authors' code: prompt tokens are target positions too")
+    memory: MemoryConfig = Field(MemoryConfig(), description="the budget of the logits work (MemoryConfig)")
+
+    _temps = field_validator("temperatures")(_positive_temperatures)
+
+
+class DistillJob(NotebookJob):
     """One training run: the parameters of a `10_distill` notebook, validated."""
 
-    student: str
-    student_path: str
-    method: str = "sft"
-    teacher: str = ""
-    teacher_path: str = ""
-    teacher_kind: Literal["sft", "base", ""] = ""
-    temperature: float = Field(1.0, gt=0)
-    noise: float = Field(0.0, ge=0)
-    seed: int = 0
-    steps: int | None = Field(None, gt=0)
-    training: TrainingConfig
-    kd: KDConfig = KDConfig()
-    data_root: str | None = None
-    cache_root: str = "outputs/cache"
-    cache_temperatures: list[float] | None = None
-    trust_remote_code: bool = False
-    authors: bool = False
-    memory: MemoryConfig = MemoryConfig()
+    notebook_only: ClassVar[tuple[str, ...]] = RERUN_NAMES
+
+    student: str = Field(description="the student's model name in the study")
+    student_path: str = Field(description="the model the run starts from (folder or hub id); empty in the notebook "
+                                          "as opened: it re-trains the study's cell `rerun`")
+    method: str = Field("sft", description="'sft' or a KD method of kd_utils.names.METHODS")
+    teacher: str = Field("", description="the teacher's model name (KD runs)")
+    teacher_path: str = Field("", description="the teacher model's folder or hub id (KD runs)")
+    teacher_kind: Literal["sft", "base", ""] = Field("", description="the teacher as fine-tuned or its base model")
+    temperature: float = Field(1.0, gt=0, description="the KD temperature tau")
+    noise: float = Field(0.0, ge=0, description="sigma of the Gaussian noise on the teacher's logits")
+    seed: int = Field(0, description="the run's seed (initialisation of new weights, batch order, noise draw)")
+    steps: int | None = Field(None, gt=0, description="optimizer steps; None: training.epochs decide")
+    training: TrainingConfig = Field(description="the study's training section, resolved for this model")
+    kd: KDConfig = Field(KDConfig(), description="the study's kd section (teacher_cache: whether this run reads a "
+                                                 "cache)")
+    data_root: str | None = Field(None, description="the task data's folder; None: the default data root")
+    cache_root: str = Field("outputs/cache", description="folder of the teacher caches")
+    cache_temperatures: list[float] | None = Field(None, description=(
+        "the temperatures of the teacher cache this run reads (it must hold `temperature`); None: no cache"))
+    trust_remote_code: bool = Field(False, description="let transformers run the model repository's own code")
+    authors: bool = Field(False, description="the authors' code: prompt tokens in the loss, no temperature in GKD")
+    memory: MemoryConfig = Field(MemoryConfig(), description="the budget of the logits work (MemoryConfig)")
 
     @model_validator(mode="after")
     def _teacher(self) -> "DistillJob":
@@ -472,49 +611,88 @@ class DistillJob(Strict):
         return self
 
 
-def validate_job(model: type[BaseModel], values: dict, source: str):
-    """Validate a notebook's parameters into a typed job, with the same messages as params files."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as err:
-        raise ValueError(format_errors(err, source, model)) from None
-
-
-class ModelJob(Strict):
-    """One real model made ready for the grid: the parameters of a `02_model` notebook, validated."""
-
-    model: str
-    gguf: str | None = Field(None, description="convert this GGUF (file or 'distribution:path') to a saved model")
-    source_path: str | None = Field(None, description="prune this saved model")
-    keep: int | None = Field(None, gt=0)
-    rule: PruneRule = "even"
-
-    @model_validator(mode="after")
-    def _one(self) -> "ModelJob":
-        if (self.gguf is None) == (self.source_path is None):
-            raise ValueError("give exactly one of 'gguf' (convert) or 'source_path' (prune)")
-        if (self.source_path is None) != (self.keep is None):
-            raise ValueError("pruning needs both 'source_path' and 'keep'")
-        return self
-
-
-class EvalJob(Strict):
+class EvalJob(NotebookJob):
     """One evaluation run: the parameters of a `20_evaluate` notebook, validated."""
 
-    model: str
-    model_path: str
-    kind: Literal["base", "sft", "kd"]
-    student: str
-    teacher: str = ""
-    method: str = ""
-    temperature: float | None = None
-    noise: float = 0.0
-    teacher_kind: Literal["sft", "base", ""] = ""
-    seed: int = 0
-    evaluation: EvalConfig = EvalConfig()
-    data_root: str | None = None
-    trust_remote_code: bool = False
-    memory: MemoryConfig = MemoryConfig()
+    notebook_only: ClassVar[tuple[str, ...]] = RERUN_NAMES
+
+    model: str = Field(description="the evaluated model's key: '<student>/sft/s<seed>', a KD cell's name or "
+                                   "'<teacher>/base'")
+    model_path: str = Field(description="the model's folder or hub id; empty in the notebook as opened: it "
+                                        "re-evaluates the study's cell `rerun`")
+    kind: Literal["base", "sft", "kd"] = Field(description="a base model, an SFT model or a KD student")
+    student: str = Field(description="the evaluated model's name in the study")
+    teacher: str = Field("", description="its teacher (KD)")
+    method: str = Field("", description="how it was trained: 'sft', a KD method, or 'base'")
+    temperature: float | None = Field(None, description="its KD temperature (KD)")
+    noise: float = Field(0.0, description="its teacher's logit noise (KD)")
+    teacher_kind: Literal["sft", "base", ""] = Field("", description="its teacher as fine-tuned or base (KD)")
+    seed: int = Field(0, description="its training seed")
+    evaluation: EvalConfig = Field(EvalConfig(), description="the study's evaluation section")
+    data_root: str | None = Field(None, description="the task data's folder; None: the default data root")
+    trust_remote_code: bool = Field(False, description="let transformers run the model repository's own code")
+    memory: MemoryConfig = Field(MemoryConfig(), description="the budget of log-likelihood scoring (MemoryConfig)")
+
+
+class FidelityJob(NotebookJob):
+    """The accuracy and fidelity analysis of a study: the parameters of a `30_fidelity` notebook."""
+
+    study_dir: str = Field(description="the study whose evaluations it reads")
+    inputs: str = Field("", description="digest of the evaluation cells it reads (set by the grid: new results "
+                                        "make a new cell)")
+    tau: Literal["max", "mean"] | float = Field("max", description=(
+        "aggregation over temperatures (stats.tau): 'max' (the authors'), 'mean', or a fixed tau"))
+    scorer: Scorer | Literal[""] = Field("", description="whose accuracy the gains use (stats.scorer); empty: the "
+                                                          "evaluation's main scorer")
+
+
+class GainsJob(FidelityJob):
+    """An analysis of a study's KD gains: the parameters of the `40_ablation` and `50_statistics` notebooks."""
+
+    fidelity_dir: str = Field("", description="the fidelity cell's folder (its gains.csv); empty: the study's "
+                                              "fidelity cell")
+
+
+class ExploreJob(NotebookJob):
+    """What the explorer shows: the parameters of the `60_explore` notebook (opened by hand, not by the grid)."""
+
+    notebook_only: ClassVar[tuple[str, ...]] = ()
+
+    study_dir: str = Field(description="the study to explore")
+    student: str = Field("", description="a student model of results.csv; empty: the first pair of the table")
+    teacher: str = Field("", description="its teacher's model name; empty: the teacher it learned from")
+    show: str = Field("paradox", description="which items: one of kd_utils.explore.SHOW")
+    task: str = Field("", description="one task, or empty for all")
+    other_rationale_below: float = Field(50.0, ge=0, description=(
+        "sentence BLEU under which an agreeing answer counts as another rationale"))
+    rows: int = Field(20, gt=0, description="items shown")
+
+
+#: every notebook's job, by the notebook's name
+NOTEBOOK_JOBS: dict[str, type[NotebookJob]] = {
+    "00_world": WorldJob, "01_pretrain": PretrainJob, "02_model": ModelJob, "05_teacher_cache": CacheJob,
+    "10_distill": DistillJob, "20_evaluate": EvalJob, "30_fidelity": FidelityJob, "40_ablation": GainsJob,
+    "50_statistics": GainsJob, "60_explore": ExploreJob,
+}
+
+
+def validate_job(model: type[BaseModel], values: dict, source: str, unknown=()):
+    """Validate a notebook's parameters into a typed job, with the same messages as params files.
+    `unknown`: parameters the notebook was given that are not the job's; each is named, with the closest
+    one it has, and the job is refused."""
+    lines = []
+    if unknown:
+        fields, own = list(model.model_fields), list(getattr(model, "notebook_only", ()))
+        lines = [f"  {name}: unknown parameter{_suggest(name, fields + own)}" for name in sorted(unknown)]
+        lines.append(f"  ({model.__name__}'s parameters: {', '.join(fields)}"
+                     + (f"; the notebook's own: {', '.join(own)})" if own else ")"))
+    try:
+        job = model.model_validate(values)
+    except ValidationError as err:
+        raise ValueError("\n".join([f"invalid params in {source}:", *lines, *_error_lines(err, model)])) from None
+    if lines:
+        raise ValueError("\n".join([f"invalid params in {source}:", *lines]))
+    return job
 
 
 def memory_params(memory: MemoryConfig) -> dict:
@@ -523,11 +701,58 @@ def memory_params(memory: MemoryConfig) -> dict:
     return {} if memory == MemoryConfig() else {"memory": memory.model_dump(mode="json")}
 
 
-def job_params(job: BaseModel) -> dict:
-    """A job's notebook parameters (its ``memory`` as :func:`memory_params`)."""
-    return {**job.model_dump(mode="json", exclude={"memory"}), **memory_params(job.memory)}
+def job_params(job: NotebookJob) -> dict:
+    """A job's notebook parameters: what the grid gives a cell (:meth:`NotebookJob.params`)."""
+    return job.params()
 
 
-def job_from_namespace(model: type[BaseModel], namespace: dict, source: str):
-    """A typed job from a notebook's parameter variables (the names of the model's fields)."""
-    return validate_job(model, {k: namespace[k] for k in model.model_fields if k in namespace}, source)
+def _assignments(source: str) -> tuple[list[str], bool] | None:
+    """The names a cell made only of `name = value` lines assigns, and whether every value is a literal;
+    None for any other cell."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return None
+    if not body or not all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
+                           for s in body):
+        return None
+    try:
+        for s in body:
+            ast.literal_eval(s.value)
+        literal = True
+    except ValueError:
+        literal = False
+    return [s.targets[0].id for s in body], literal
+
+
+def notebook_parameter_names(namespace: dict, model: type[BaseModel]) -> set[str]:
+    """The names a notebook's parameters set, read from the kernel's input history (`In`): those of papermill's
+    injected cell (it starts with '# Parameters') and of the latest other cell made only of `name = literal`
+    lines that sets a field of `model` (the `parameters` cell as it ran). Empty outside a kernel."""
+    history = namespace.get("In")
+    if not isinstance(history, list):
+        return set()
+    injected: list[str] = []
+    declared: list[str] = []
+    for source in history:
+        found = _assignments(source) if isinstance(source, str) else None
+        if found is None:
+            continue
+        names, literal = found
+        if source.lstrip().startswith("# Parameters"):
+            injected = names
+        elif literal and set(names) & set(model.model_fields):
+            declared = names
+    return set(injected) | set(declared)
+
+
+def job_from_namespace(model: type[BaseModel], namespace: dict, source: str, names=None):
+    """A typed job from a notebook's parameter variables (the names of the model's fields) in `namespace`
+    (the notebook's globals()). Every name of `names`, the notebook's parameters (default: read from the
+    kernel, :func:`notebook_parameter_names`), must be a field or one of the job's `notebook_only` names:
+    any other is an error naming it, not a parameter silently dropped."""
+    if names is None:
+        names = notebook_parameter_names(namespace, model)
+    allowed = set(model.model_fields) | set(getattr(model, "notebook_only", ()))
+    unknown = sorted(set(names) - allowed)
+    return validate_job(model, {k: namespace[k] for k in model.model_fields if k in namespace}, source, unknown)

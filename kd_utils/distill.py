@@ -11,19 +11,18 @@ from pathlib import Path
 
 import torch
 
-from .chunking import budget_bytes, check_fits, decode_batch
-from .config import DistillJob, KDConfig, MemoryConfig, TrainingConfig
-from .data import IGNORE, Example, collate, epoch_batches, split_validation, tokenize_pairs
+from .chunking import budget_bytes, check_fits
+from .config import DistillJob, TrainingConfig
+from .data import Example, collate, epoch_batches, pad_id_of, split_validation, tokenize_pairs
 from .methods import KDSettings, LiveTeacher, OnPolicySampler, kd_objective, noise_seed
 from .models import apply_lora, best_device, check_compatible, count_parameters, load_model
-from .tasks import build_prompt, load_training_items
+from .tasks import load_training_items, training_pairs
 from .training import OptimSettings, cycle_steps, token_ce, train
 
 
 def load_training_pairs(training: TrainingConfig, data_root: str | None) -> tuple[list[str], list[str]]:
     """(prompt, gold response) pairs of the run's training items (kd_utils.tasks.load_training_items)."""
-    items = load_training_items(training.train_tasks, training.train_data, data_root, training.limit)
-    return [build_prompt(it["instruction"], it.get("input", "")) for it in items], [it["output"] for it in items]
+    return training_pairs(load_training_items(training.train_tasks, training.train_data, data_root, training.limit))
 
 
 def _seed_everything(seed: int) -> None:
@@ -60,7 +59,7 @@ def run_distillation(job: DistillJob, out_dir: str | Path, progress: bool = True
         student.gradient_checkpointing_enable()
     student.train()
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     bs, accum = job.training.batch_for(job.student), job.training.grad_accum
 
     def epoch(e: int):
@@ -117,93 +116,13 @@ def training_examples(tokenizer, training: TrainingConfig, data_root: str | None
     return prompts, train_ex, val_ex
 
 
-def open_teacher_cache(teacher, teacher_path: str, tokenizer, train_ex: list[Example], training: TrainingConfig,
-                       kd: KDConfig, cache_root: str, temperatures, noise: float, noise_seed: int, vocab: int,
-                       chunk_mb: int | None = None):
-    """The teacher's cached signal on these examples (built once within ``chunk_mb``, reused by every run)."""
-    from .teacher_cache import cache_key, ensure_cache
-
-    key = cache_key(teacher_path, tokenizer, train_ex, training.max_length, kd.cache_k, noise, noise_seed,
-                    samples=kd.cache_samples)
-    return ensure_cache(teacher, train_ex, cache_root, key, k=kd.cache_k, temperatures=tuple(temperatures),
-                        noise=noise, noise_seed=noise_seed, vocab_size=vocab, samples=kd.cache_samples,
-                        chunk_mb=chunk_mb)
-
-
-def teacher_generations(teacher, teacher_path: str, tokenizer, prompts: list[str], train_ex: list[Example],
-                        cache_root: str, max_new_tokens: int, chunk_mb: int | None = None) -> tuple[list[str], list[str]]:
-    """SeqKD's greedy teacher generations for the training examples' prompts (made once,
-    cached, up to 64 prompts at a time within ``chunk_mb``): (those prompts, the generations), in
-    train_ex order."""
-    from .teacher_cache import cached_generations, generations_key
-
-    chosen = [prompts[e.index] for e in train_ex]
-    key = generations_key(teacher_path, tokenizer, chosen, max_new_tokens)
-    return chosen, cached_generations(teacher, tokenizer, chosen, cache_root, key, max_new_tokens=max_new_tokens,
-                                      batch_size=decode_batch(teacher, chunk_mb, 64))
-
-
-def build_teacher_cache(teacher_path: str, training: dict, kd: dict, data_root: str | None, cache_root: str,
-                        temperatures, noise: float = 0.0, noise_seed: int = 0, generations: bool = False,
-                        authors: bool = False, memory: dict | None = None) -> dict:
-    """The prepare-stage cell: build (or verify) a teacher's cache before the distill stage."""
-    import time
-
-    training, kd = TrainingConfig.model_validate(training), KDConfig.model_validate(kd)
-    chunk_mb = MemoryConfig.model_validate(memory or {}).chunk_mb
-    teacher, tokenizer = load_model(teacher_path)
-    t0 = time.perf_counter()
-    prompts, train_ex, _ = training_examples(tokenizer, training, data_root, loss_on_prompt=authors)
-    cache = open_teacher_cache(teacher, teacher_path, tokenizer, train_ex, training, kd, cache_root, temperatures,
-                               noise, noise_seed, len(tokenizer), chunk_mb)
-    size = sum(f.stat().st_size for f in Path(cache.path).iterdir())
-    out = {"key": Path(cache.path).name, "path": str(cache.path), "k": kd.cache_k, "temperatures": list(temperatures),
-           "noise": noise, "examples": len(train_ex), "target_tokens": int(cache.offsets[-1]),
-           "bytes": size, "bytes_per_token": size / max(1, int(cache.offsets[-1])),
-           "teacher_forward_passes": cache.forward_passes, "seconds": time.perf_counter() - t0}
-    if generations:
-        teacher_generations(teacher, teacher_path, tokenizer, prompts, train_ex, cache_root, training.max_length,
-                            chunk_mb)
-    return out
-
-
-#: A cached run must reproduce the live teacher on a probe batch of its own student and data:
-#: the summed loss within this relative error (the bound the real-LM issue sets)...
-CACHE_MAX_LOSS_ERROR = 0.01
-#: ...and a gradient w.r.t. the student's logits at least this close in direction; otherwise the
-#: live teacher serves the run. On SmolLM2 (vocab 49152, k 16, 16 sampled tail tokens) only fkl at
-#: tau 1 passes both (see the README's cache-error table).
-CACHE_MIN_GRAD_COSINE = 0.9
-
-
-def probe_cache(cached, live: LiveTeacher, student, batch: dict, settings: KDSettings, vocab: int) -> dict:
-    """The cached signal against the live teacher on one batch: the relative error of the summed
-    loss and the cosine between the two gradients w.r.t. the student's logits."""
-    device = next(student.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    was_training = student.training
-    student.eval()
-    with torch.no_grad():
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    student.train(was_training)
-    mask = batch["labels"][:, 1:] != IGNORE
-    measured = {}
-    for name, teacher in (("cached", cached), ("live", live)):
-        x = logits[:, :-1, :vocab].detach().float().requires_grad_(True)
-        loss = teacher.kd_sum(x, batch, mask, settings)
-        loss.backward()
-        measured[name] = (float(loss.detach()), x.grad[mask].flatten())
-    (c, gc), (v, gv) = measured["cached"], measured["live"]
-    return {"loss_error": (c - v) / abs(v) if v else 0.0,
-            "grad_cosine": float(torch.nn.functional.cosine_similarity(gc, gv, dim=0))}
-
-
 def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, student, train_ex: list[Example],
                     vocab: int, pad: int) -> tuple[object, dict | None]:
-    """The run's teacher signal (:func:`kd_utils.teacher_cache.teacher_for`) and the cache probe:
+    """The run's teacher signal (:func:`kd_utils.teachers.teacher_for`) and the cache probe:
     the cache when it is on (gkd: only for its gold batches) and reproduces the live teacher on a
-    probe batch (:func:`probe_cache`), else the live teacher."""
-    from .teacher_cache import CachedTeacher, teacher_for
+    probe batch (:func:`kd_utils.teachers.probe_cache`), else the live teacher."""
+    from .cache_build import open_teacher_cache
+    from .teachers import CACHE_MAX_LOSS_ERROR, CACHE_MIN_GRAD_COSINE, CachedTeacher, probe_cache, teacher_for
 
     chunk_mb = job.memory.chunk_mb
     live = lambda: LiveTeacher(teacher, vocab, noise=job.noise, seed=job.seed, chunk_mb=chunk_mb)  # noqa: E731
@@ -214,8 +133,6 @@ def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, s
                                noise_seed(job.noise, job.seed), vocab, chunk_mb)
     probe_batch = collate(sorted(train_ex, key=lambda e: e.index)[: job.training.batch_for(job.student)], pad)
     probe = probe_cache(CachedTeacher(cache, vocab, chunk_mb=chunk_mb), live(), student, probe_batch, settings, vocab)
-    probe["served"] = abs(probe["loss_error"]) <= CACHE_MAX_LOSS_ERROR and \
-        probe["grad_cosine"] >= CACHE_MIN_GRAD_COSINE
     print(f"teacher cache probe ({settings.objective}, tau {settings.temperature:g}): loss error "
           f"{100 * probe['loss_error']:+.2f}%, gradient cosine {probe['grad_cosine']:.3f}: "
           + ("the cache serves this run" if probe["served"] else
@@ -228,6 +145,8 @@ def _teacher_signal(job: DistillJob, settings: KDSettings, teacher, tokenizer, s
 
 def _teacher_generated(job: DistillJob, teacher, tokenizer, prompts: list[str], train_ex: list[Example]) -> list[Example]:
     """SeqKD (the paper's text): the training responses are the teacher's greedy generations."""
+    from .seqkd_store import teacher_generations
+
     chosen, gens = teacher_generations(teacher, job.teacher_path, tokenizer, prompts, train_ex, job.cache_root,
                                        job.training.max_length, job.memory.chunk_mb)
     regenerated = tokenize_pairs(tokenizer, chosen, gens, job.training.max_length, truncation="left",

@@ -25,25 +25,17 @@ from statsmodels.stats.proportion import proportion_confint
 from tqdm import tqdm
 
 from kd_utils.chunking import budget_bytes, rows_within
-from kd_utils.data import fit_left
-from kd_utils.tasks import (MAX_NEW_TOKENS, SCORERS, LoglikRequest, Task, build_prompt, extract_answer,
-                            format_answer, item_options, item_score, load_items, loglik_requests, resolve_tasks)
+from kd_utils.data import fit_left, left_pad, pad_id_of
+from kd_utils.schema import TASK_SCORE_COLUMNS
+from kd_utils.tasks import (SCORERS, LoglikRequest, Task, build_prompt, extract_answer, format_answer,
+                            generation_budget, item_options, item_score, load_items, loglik_requests, resolve_tasks)
 
 PREDICTION_FIELDS = ("task", "item_id", "prompt_hash", "output", "extracted", "label", "correct")
-# accuracy holds the task's metric (`metric`: accuracy, or rougeL for text tasks; correct is empty then).
-RESULT_COLUMNS = ("task", "domain", "scorer", "metric", "n", "correct", "accuracy", "ci_low", "ci_high", "truncated")
 
 
 def prompt_hash(prompt: str) -> str:
     """12 hex digits of the prompt's sha1: ties a prediction to the exact text the model saw."""
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("tokenizer has neither a pad token nor an eos token to pad with")
-    return pad
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -106,7 +98,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
     encoded = [fit_left(ids, window - max_new_tokens, special) if window else list(ids) for ids in raw]
     if truncated is not None:
         truncated[:] = [len(e) < len(r) for e, r in zip(encoded, raw)]
-    pad, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
+    pad, eos = pad_id_of(tokenizer), _eos_ids(model, tokenizer)
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
                    repetition_penalty=1.0, pad_token_id=pad, eos_token_id=sorted(eos) or None)
     if do_sample:
@@ -119,12 +111,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress)
     with _eval_mode(model):
         for batch in _length_batches([len(e) for e in encoded], batch_size):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
+            ids, mask = left_pad([encoded[i] for i in batch], pad)
+            width = ids.shape[1]
             out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **options)
             for row, i in enumerate(batch):
                 new = out[row, width:].tolist()
@@ -240,7 +228,7 @@ def loglik_choice(model, tokenizer, requests: Sequence[Sequence[tuple[str, str]]
     groups = _prefix_groups(pairs)
     rests = {k: (pairs[k][1] + pairs[k][2])[len(prefix):-1] for prefix, ks in groups for k in ks}
     lengths = [len(prefix) + sum(len(rests[k]) for k in ks) for prefix, ks in groups]
-    pad, device, dtype = _pad_id(tokenizer), model.device, model.dtype
+    pad, device, dtype = pad_id_of(tokenizer), model.device, model.dtype
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     rows = rows_within(budget_bytes(chunk_mb, device), head.weight.shape[0], _SCORE_COPIES)
     scores: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
@@ -319,13 +307,6 @@ def _summary(task: Task, scorer: str, scores: list[float], truncated: list[bool]
             "correct": k, "accuracy": mean, "ci_low": float(low), "ci_high": float(high), "truncated": sum(truncated)}
 
 
-def _budget(max_new_tokens: int | Mapping[str, int] | None, domain: str) -> int:
-    """New-token budget of a domain: an int for all, a per-domain dict, or the registry default."""
-    if isinstance(max_new_tokens, Mapping):
-        return int(max_new_tokens.get(domain, MAX_NEW_TOKENS[domain]))
-    return int(max_new_tokens or MAX_NEW_TOKENS[domain])
-
-
 def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_dir: str | Path | None = None,
              limit: int | None = None, batch_size: int = 32, max_new_tokens: int | Mapping[str, int] | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -337,7 +318,7 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
     Returns one row per task: task, domain, scorer, metric, n, correct (empty for text tasks),
     accuracy (the metric), ci_low, ci_high (0-100) and truncated (items whose prompt or context lost tokens to fit the model's
     window). `limit` keeps each task's first items; `max_new_tokens` is an int, a dict per domain,
-    or None, which uses `tasks.MAX_NEW_TOKENS[domain]`. `scorer` is one of `tasks.SCORERS`:
+    or None, which uses each task's own budget (`tasks.generation_budget`). `scorer` is one of `tasks.SCORERS`:
     "generate" decodes and extracts the answer; "loglik"/"loglik_norm" pick the option whose content
     (`tasks.loglik_requests`) is the most likely continuation (lm-eval's acc/acc_norm);
     "loglik_label" the option whose label token is. With `out_dir`, writes predictions.jsonl (one
@@ -352,7 +333,7 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
         truncated: list[bool] = []
         if scorer == "generate":
             outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
-                               max_new_tokens=_budget(max_new_tokens, task.domain),
+                               max_new_tokens=generation_budget(task, max_new_tokens),
                                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                num_beams=num_beams, seed=seed, stop_strings=stop_strings,
                                progress=progress, desc=task.name, truncated=truncated)
@@ -379,7 +360,7 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
         predictions += [{"task": task.name, "item_id": it["id"], "prompt_hash": prompt_hash(p), "output": o,
                          "extracted": e, "label": it["answer"], "correct": f, **x}
                         for it, p, o, e, f, x in zip(items, prompts, outputs, extracted, flags, extra)]
-    results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    results = pd.DataFrame(rows, columns=list(TASK_SCORE_COLUMNS))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -389,8 +370,26 @@ def evaluate(model, tokenizer, tasks, data_root: str | Path | None = None, out_d
     return results
 
 
+def check_predictions(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Predictions (a frame of predictions.jsonl) validated: every field of `PREDICTION_FIELDS`, each
+    (task, item_id) once, and a ``correct`` on every item with an answer (text tasks' items have
+    neither); ``correct`` becomes a nullable boolean column."""
+    missing = [f for f in PREDICTION_FIELDS if f not in frame.columns]
+    if missing:
+        raise ValueError(f"predictions {source} are missing fields {missing}")
+    dup = frame.duplicated(["task", "item_id"])
+    if dup.any():
+        first = frame.loc[dup, ["task", "item_id"]].iloc[0].tolist()
+        raise ValueError(f"predictions {source} repeat (task, item_id), e.g. {first}")
+    answered = frame["correct"].notna() | frame["extracted"].notna()
+    if (frame["correct"].isna() & answered).any():
+        raise ValueError(f"predictions {source} have items with a null 'correct'")
+    return frame.assign(correct=frame["correct"].astype("boolean"))
+
+
 def load_predictions(path: str | Path) -> pd.DataFrame:
-    """predictions.jsonl (or a folder holding it) as a DataFrame; labels and outputs stay strings."""
+    """predictions.jsonl (or a folder holding it) as a DataFrame, validated (`check_predictions`);
+    labels and outputs stay strings."""
     path = Path(path)
     if path.is_dir():
         path = path / "predictions.jsonl"
@@ -403,8 +402,5 @@ def load_predictions(path: str | Path) -> pd.DataFrame:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a JSON line ({e})") from e
-    frame = pd.DataFrame.from_records(records)
-    missing = [c for c in PREDICTION_FIELDS if c not in frame.columns]
-    if records and missing:
-        raise ValueError(f"{path}: missing fields {missing}")
-    return frame if records else pd.DataFrame(columns=list(PREDICTION_FIELDS))
+    frame = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=list(PREDICTION_FIELDS))
+    return check_predictions(frame, str(path))

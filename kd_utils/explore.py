@@ -26,7 +26,8 @@ import pandas as pd
 
 from .config import load_study
 from .grid import REPO, expand
-from .runner import Cell, plan
+from .engine.cells import Cell
+from .engine.plan import plan
 
 #: Below this sentence BLEU (0-100) against the teacher's output, an agreeing answer counts as
 #: reached by another rationale.
@@ -300,7 +301,7 @@ class StudyCell:
     @property
     def predictions(self) -> pd.DataFrame:
         """predictions.jsonl of the cell's evaluation: one row per test item."""
-        from .fidelity import load_predictions
+        from .evaluation import load_predictions
         return load_predictions(self.evaluation.require_done().dir)
 
     def load_model(self, **kwargs):

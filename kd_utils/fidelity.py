@@ -19,51 +19,26 @@ import pandas as pd
 import sacrebleu
 import torch
 
-from kd_utils.evaluation import PREDICTION_FIELDS, load_predictions as _read_predictions
+from kd_utils.evaluation import check_predictions, load_predictions
 from kd_utils.losses import kd_loss
-from kd_utils.tasks import rouge_l
+from kd_utils.schema import FIDELITY_COLUMNS
+from kd_utils.tasks import ANSWER_TOLERANCE, rouge_l
 
 __all__ = [
-    "FIDELITY_COLUMNS",
     "agreement",
     "distribution_fidelity",
     "fidelity_table",
-    "load_predictions",
     "rationale_similarity",
     "same_answer",
 ]
 
-#: Columns of fidelity.csv.
-FIDELITY_COLUMNS = ["model", "teacher", "task", "agreement", "agreement_teacher_correct",
-                    "agreement_teacher_wrong", "bleu", "chrf", "rougeL", "n"]
-NUMERIC_TOLERANCE = 1e-3
-
 Predictions = pd.DataFrame | str | Path
 
 
-def _check_predictions(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    missing = [f for f in PREDICTION_FIELDS if f not in df.columns]
-    if missing:
-        raise ValueError(f"predictions {source} are missing fields {missing}")
-    dup = df.duplicated(["task", "item_id"])
-    if dup.any():
-        first = df.loc[dup, ["task", "item_id"]].iloc[0].tolist()
-        raise ValueError(f"predictions {source} repeat (task, item_id), e.g. {first}")
-    answered = df["correct"].notna() | df["extracted"].notna()
-    if (df["correct"].isna() & answered).any():
-        raise ValueError(f"predictions {source} have items with a null 'correct'")
-    return df.assign(correct=df["correct"].astype("boolean"))
-
-
-def load_predictions(path: str | Path) -> pd.DataFrame:
-    """One model's predictions.jsonl (or its folder), validated: all fields, unique
-    (task, item_id), no null ``correct``."""
-    return _check_predictions(_read_predictions(path), str(path))
-
-
 def _as_predictions(preds: Predictions, name: str) -> pd.DataFrame:
+    """A model's predictions, validated: a frame as given, else its predictions.jsonl (or folder)."""
     if isinstance(preds, pd.DataFrame):
-        return _check_predictions(preds, name)
+        return check_predictions(preds, name)
     return load_predictions(preds)
 
 
@@ -94,7 +69,7 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def same_answer(a: object, b: object, tol: float = NUMERIC_TOLERANCE) -> bool:
+def same_answer(a: object, b: object, tol: float = ANSWER_TOLERANCE) -> bool:
     """Whether two extracted answers agree: numbers within ``tol`` (commas ignored, as the
     task scoring), other strings equal after strip. A null answer agrees with nothing, another
     null included: two failed extractions are no evidence the models reason alike."""
@@ -135,17 +110,15 @@ def agreement(student_preds: Predictions, teacher_preds: Predictions) -> pd.Data
 
 def rationale_similarity(student_preds: Predictions, teacher_preds: Predictions) -> pd.DataFrame:
     """Per task, similarity (0-100) of the student's raw output to the teacher's output as the
-    reference: corpus BLEU (``bleu``), mean sentence BLEU (``sentence_bleu``, exponential
-    smoothing), corpus chrF (``chrf``, all sacrebleu) and mean ROUGE-L F1 (``rougeL``,
-    :func:`kd_utils.tasks.rouge_l`), with n. Null outputs count as ""."""
+    reference: corpus BLEU (``bleu``), corpus chrF (``chrf``, both sacrebleu) and mean ROUGE-L F1
+    (``rougeL``, :func:`kd_utils.tasks.rouge_l`), with n. Null outputs count as "". Per-item sentence
+    BLEU is in the side-by-side view of :mod:`kd_utils.explore`."""
     both = _paired(student_preds, teacher_preds)
     rows = []
     for task, d in both.groupby("task", sort=True):
         hyp = d["output_s"].fillna("").astype(str).tolist()
         ref = d["output_t"].fillna("").astype(str).tolist()
-        sentence = [sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(hyp, ref)]
         rows.append(dict(task=task, bleu=sacrebleu.corpus_bleu(hyp, [ref]).score,
-                         sentence_bleu=sum(sentence) / len(sentence),
                          chrf=sacrebleu.corpus_chrf(hyp, [ref]).score,
                          rougeL=sum(map(rouge_l, hyp, ref)) / len(hyp), n=len(d)))
     return pd.DataFrame(rows)

@@ -21,9 +21,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DistillJob, EvalJob, ModelJob, StudyConfig, job_params, load_study, memory_params, world_params
+from .config import (CacheJob, DistillJob, EvalJob, FidelityJob, GainsJob, ModelJob, PretrainJob, StudyConfig, WorldJob,
+                     job_params, load_study)
 from .methods import WORD_LEVEL, noise_seed
-from .runner import Cell, format_plan, plan, run, select_cells
+from .engine.cells import Cell
+from .engine.plan import format_plan, plan, select_cells
+from .engine.schedule import run
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -38,7 +41,6 @@ NB = {
     "ablation": NOTEBOOKS / "40_ablation.ipynb",
     "statistics": NOTEBOOKS / "50_statistics.ipynb",
 }
-REPORT_NOTEBOOKS = ("fidelity", "ablation", "statistics")
 
 
 @dataclass
@@ -171,12 +173,11 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
     study = g.study_dir.resolve()
     res = lambda stage: {k: v for k, v in cfg.resources.get(stage, {}).items()}  # noqa: E731
     train_dump = cfg.training.model_dump(mode="json")
-    kd_dump = cfg.kd.model_dump(mode="json")
     data_root, world_cell = cfg.evaluation.data_root, None
     cache_root = str(study / "cache")
 
     if cfg.world:
-        world_cell = g.add(Cell("prepare", "prepare/world", NB["world"], {"world": world_params(cfg.world)},
+        world_cell = g.add(Cell("prepare", "prepare/world", NB["world"], job_params(WorldJob(world=cfg.world)),
                                 resources=res("prepare")))
         data_root = str(world_cell.output_dir(study) / "data")
 
@@ -195,16 +196,15 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
             steps = cfg.pretrain.steps.get(name, 0)
             if steps <= 0:
                 raise ValueError(f"pretrain.steps has no positive entry for micro model {name!r}")
-            cell = g.add(Cell("prepare", f"prepare/pretrain/{name}", NB["pretrain"],
-                              {"model": name, "micro": spec.micro, "world_dir": str(world_cell.output_dir(study)),
-                               "pretrain": cfg.pretrain.model_dump(exclude={"steps"}), "steps": steps,
-                               "seed": cfg.seeds[0]},
+            job = PretrainJob(model=name, micro=spec.micro, world_dir=str(world_cell.output_dir(study)),
+                              pretrain=cfg.pretrain.model_dump(exclude={"steps"}), steps=steps, seed=cfg.seeds[0])
+            cell = g.add(Cell("prepare", f"prepare/pretrain/{name}", NB["pretrain"], job_params(job),
                               deps=(world_cell.id,), resources=res("prepare")),
                          flops=6 * n_params(name) * steps * cfg.pretrain.batch_size * cfg.pretrain.block)
             base[name] = (str(cell.output_dir(study) / "model"), cell)
         elif spec.gguf:
             cell = g.add(Cell("prepare", f"prepare/model/{name}", NB["model"],
-                              ModelJob(model=name, gguf=spec.gguf).model_dump(mode="json"), resources=res("prepare")))
+                              job_params(ModelJob(model=name, gguf=spec.gguf)), resources=res("prepare")))
             base[name] = (str(cell.output_dir(study) / "model"), cell)
         elif spec.path:
             base[name] = (spec.path, None)
@@ -213,8 +213,8 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         if prune:
             source_path, source_cell = base[prune.model]
             cell = g.add(Cell("prepare", f"prepare/model/{name}", NB["model"],
-                              ModelJob(model=name, source_path=source_path, keep=prune.keep,
-                                       rule=prune.rule).model_dump(mode="json"),
+                              job_params(ModelJob(model=name, source_path=source_path, keep=prune.keep,
+                                                  rule=prune.rule)),
                               deps=deps_of(source_cell), resources=res("prepare")))
             base[name] = (str(cell.output_dir(study) / "model"), cell)
 
@@ -307,7 +307,7 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
             f"({', '.join(f'{t}/{k}/noise {n:g}' for t, k, n, _ in skipped)}; kd.teacher_cache: always caches them)")
 
     if any(use_cache.values()):
-        from .distill import CACHE_MAX_LOSS_ERROR, CACHE_MIN_GRAD_COSINE
+        from .teachers import CACHE_MAX_LOSS_ERROR, CACHE_MIN_GRAD_COSINE
         g.notes.append(f"teacher cache: each cached run first compares the cache with the live teacher on one batch and "
                        f"uses the live teacher unless the loss is within {100 * CACHE_MAX_LOSS_ERROR:g}% and the "
                        f"gradient cosine >= {CACHE_MIN_GRAD_COSINE} (metrics.json: cache_probe)")
@@ -317,13 +317,14 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
         key = signal(teacher, kind, noise, seed)
         if key not in caches:
             path, tcell = teacher_source(teacher, kind)
-            params = {"teacher": teacher, "teacher_path": path, "teacher_kind": kind, "noise": noise,
-                      "noise_seed": noise_seed(noise, seed), "temperatures": sorted(temps_of_teacher[(teacher, kind)]),
-                      "training": training_for(teacher), "kd": kd_dump, "data_root": data_root,
-                      "cache_root": cache_root, "generations": (teacher, kind) in seqkd_teachers and not noise,
-                      "authors": cfg.authors, **memory_params(cfg.memory)}
+            job = CacheJob(teacher=teacher, teacher_path=path, teacher_kind=kind, noise=noise,
+                           noise_seed=noise_seed(noise, seed), temperatures=sorted(temps_of_teacher[(teacher, kind)]),
+                           training=training_for(teacher), kd=cfg.kd, data_root=data_root, cache_root=cache_root,
+                           generations=(teacher, kind) in seqkd_teachers and not noise, authors=cfg.authors,
+                           memory=cfg.memory)
             caches[key] = g.add(Cell("prepare", f"prepare/cache/{teacher}/{kind}/n{noise:g}" + (f"/s{seed}" if noise else ""),
-                                     NB["cache"], params, deps=deps_of(tcell, world_cell), resources=res("prepare")),
+                                     NB["cache"], job_params(job), deps=deps_of(tcell, world_cell),
+                                     resources=res("prepare")),
                                 flops=2 * n_params(teacher) * _train_tokens(cfg))
         return caches[key]
 
@@ -385,13 +386,13 @@ def expand(cfg: StudyConfig, study_dir: str | Path) -> Grid:
 
     # Analysis: the inputs' ids are a parameter, so new results make a new analysis cell.
     inputs = hashlib.sha256(",".join(sorted(c.id for c in eval_cells)).encode()).hexdigest()[:12]
-    common = {"study_dir": str(study), "inputs": inputs, "tau": cfg.stats.tau,
-              "scorer": cfg.stats.scorer_of(cfg.evaluation)}
-    fid = g.add(Cell("fidelity", "fidelity", NB["fidelity"], common, deps=tuple(c.id for c in eval_cells),
+    fidelity = FidelityJob(study_dir=str(study), inputs=inputs, tau=cfg.stats.tau,
+                           scorer=cfg.stats.scorer_of(cfg.evaluation))
+    fid = g.add(Cell("fidelity", "fidelity", NB["fidelity"], job_params(fidelity), deps=tuple(c.id for c in eval_cells),
                      resources=res("fidelity")))
+    gains = GainsJob(**fidelity.model_dump(), fidelity_dir=str(fid.output_dir(study)))
     for key in ("ablation", "statistics"):
-        g.add(Cell("statistics", key, NB[key], {**common, "fidelity_dir": str(fid.output_dir(study))},
-                   deps=(fid.id,), resources=res("statistics")))
+        g.add(Cell("statistics", key, NB[key], job_params(gains), deps=(fid.id,), resources=res("statistics")))
     return g
 
 

@@ -178,11 +178,11 @@ def _tvd(t: torch.Tensor, s: torch.Tensor, *, beta: float, alpha: float) -> torc
     return 0.5 * (t.exp() - s.exp()).abs()
 
 
-Objective = Callable[..., torch.Tensor]
+LossFunction = Callable[..., torch.Tensor]  # (student logits, teacher signal, ...) -> loss
 
 #: The one registry of KD objectives: name -> fn(teacher_logp, student_logp, *, beta, alpha) giving
 #: the per-token terms (elementwise, same shape); a divergence is their sum over the last axis.
-OBJECTIVES: dict[str, Objective] = {
+OBJECTIVES: dict[str, LossFunction] = {
     "fkl": _fkl,
     "rkl": _rkl,
     "gjsd": _gjsd,
@@ -195,7 +195,7 @@ if tuple(OBJECTIVES) != WORD_LEVEL:  # the names are declared once, torch-free, 
 
 
 # --------------------------------------------------------------------------- validation
-def _check_args(objective: str, temperature: float, beta: float, alpha: float, reduction: str) -> Objective:
+def _check_args(objective: str, temperature: float, beta: float, alpha: float, reduction: str) -> LossFunction:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown KD objective {objective!r}; valid: {sorted(OBJECTIVES)}")
     if reduction not in _REDUCTIONS:

@@ -5,7 +5,7 @@ Methods, chosen by name in params:
 - word-level KD with any objective of `kd_utils.losses` on the gold sequences (`fkl` is
   what the paper's authors ran as "SeqKD", `rkl` what they ran as "RevKD").
 - `seqkd`: the paper's text definition, cross-entropy on teacher-generated outputs (the
-  generations are made once per teacher and dataset: see `kd_utils.teacher_cache`).
+  generations are made once per teacher and dataset: see `kd_utils.seqkd_store`).
 - `gkd`: with probability lambda a batch's responses are replaced by student samples
   (on-policy), loss gjsd with beta at temperature tau (Agarwal et al., 2024).
 Options of every KD method: temperature, a cross-entropy mixing weight (0 as the paper),
@@ -17,13 +17,12 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .chunking import budget_bytes, decode_batch
-from .data import IGNORE, Example, collate
+from .data import IGNORE, Example, collate, left_pad
 from .losses import add_logit_noise, kd_loss
 from .names import METHODS, WORD_LEVEL  # noqa: F401 (re-exported: the methods' names live in kd_utils.names)
-from .training import Batch, Objective
+from .training import Batch, Objective, summed_ce
 
 
 @dataclass(frozen=True)
@@ -108,9 +107,7 @@ def kd_objective(teacher, settings: KDSettings, vocab_size: int) -> Objective:
         student = logits[:, :-1, :vocab_size]
         loss = teacher.kd_sum(student, batch, mask, settings)
         if settings.ce_weight:
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                                 reduction="sum")
-            loss = (1 - settings.ce_weight) * loss + settings.ce_weight * ce
+            loss = (1 - settings.ce_weight) * loss + settings.ce_weight * summed_ce(logits, batch["labels"])
         return loss, int(mask.sum())
     return objective
 
@@ -135,13 +132,9 @@ class OnPolicySampler:
             return batch
         self.on_policy_batches += 1
         prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"].tolist())]
-        width = max(len(p) for p in prompts)
         device = batch["input_ids"].device
-        left = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
-        attn = torch.zeros_like(left)
-        for r, p in enumerate(prompts):
-            left[r, width - len(p):] = torch.tensor(p, device=device)
-            attn[r, width - len(p):] = 1
+        left, attn = left_pad(prompts, self.pad_id, device)
+        width = left.shape[1]
         was_training = model.training
         model.eval()
         torch.manual_seed(self.generator_seed + self.on_policy_batches)

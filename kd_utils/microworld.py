@@ -6,7 +6,8 @@ seven arithmetic-reasoning tasks whose outputs are a short rationale ending in
 tokens ("the correct answer is answer3"), and one instruction-following task
 (`micro_instruct`: rewrite, list, describe) with free-form answers scored by ROUGE-L. Files are written in the LLM-Adapters JSON
 format ({"instruction", "input", "output", "answer"}), so the paper's prompt template
-and answer extraction serve both worlds.
+and answer extraction serve both worlds. The tasks are the registry's (kd_utils.tasks, suite
+"micro"): task micro_<x> is written by `gen_<x>` here (`GENERATORS`).
 
 The generic pretraining corpus shares the world (names, objects, number facts, the
 animal almanac that `micro_arc` and `micro_obqa` quiz) but contains no task item.
@@ -18,6 +19,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from .tasks import TASKS
 
 NAMES = ["Tom", "Mia", "Sam", "Ana", "Leo", "Ivy", "Max", "Zoe", "Ben", "Eva", "Jon", "Amy",
          "Kai", "Liz", "Ned", "Ola", "Pat", "Rex", "Sue", "Ted"]
@@ -317,13 +320,20 @@ def gen_instruct(rng: random.Random, w: "Almanac") -> dict:
                  f"The {animal} is an animal. " + " ".join(_FACTS[f][1].format(values[f]) for f in facts))
 
 
-GENERATORS: dict[str, Callable[[random.Random, Almanac], dict]] = {
-    "micro_addsub": gen_addsub, "micro_singleeq": gen_singleeq, "micro_multiarith": gen_multiarith,
-    "micro_svamp": gen_svamp, "micro_gsm": gen_gsm, "micro_aqua": gen_aqua, "micro_mawps": gen_mawps,
-    "micro_boolq": gen_boolq, "micro_piqa": gen_piqa, "micro_siqa": gen_siqa,
-    "micro_hellaswag": gen_hellaswag, "micro_winogrande": gen_winogrande, "micro_arc": gen_arc,
-    "micro_obqa": gen_obqa, "micro_instruct": gen_instruct,
-}
+def _generators() -> dict[str, Callable[[random.Random, Almanac], dict]]:
+    """The generator of each micro task of the registry (`kd_utils.tasks`, suite "micro"), in its
+    order: task micro_<x> is written by `gen_<x>`."""
+    out = {}
+    for task in (t for t in TASKS.values() if t.suite == "micro"):
+        gen = globals().get(f"gen_{task.name.removeprefix('micro_')}")
+        if gen is None:
+            raise ImportError(f"micro task {task.name!r} of kd_utils.tasks has no generator here")
+        out[task.name] = gen
+    return out
+
+
+#: The micro tasks (the registry's suite "micro") and the function that writes each one's items.
+GENERATORS: dict[str, Callable[[random.Random, Almanac], dict]] = _generators()
 
 
 def generate_task(name: str, n: int, seed: int, exclude: set[str] = frozenset(), split: str = "train") -> list[dict]:

@@ -17,8 +17,6 @@ build or load models.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -30,6 +28,8 @@ import shutil
 import struct
 import time
 from pathlib import Path, PurePosixPath
+
+from . import locks
 
 GGUF_MAGIC = b"GGUF"
 MANIFEST = "kd_manifest.json"
@@ -132,7 +132,7 @@ def convert_gguf(spec: str, out_dir: str | Path, cache_dir: str | Path | None = 
     sha256 = file_sha256(path)
     cached = user_cache_dir(cache_dir) / "converted" / sha256[:16]
     cached.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(cached.with_name(f".{cached.name}.lock")):
+    with locks.locked(cached.with_name(f".{cached.name}.lock")):
         hit = _read_json(cached / MANIFEST).get("sha256") == sha256
         if not hit:
             tmp = cached.with_name(f".{cached.name}.tmp")
@@ -343,17 +343,6 @@ def _read_json(path: Path) -> dict:
 
 def _write_manifest(model_dir: Path, manifest: dict) -> None:
     (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-@contextlib.contextmanager
-def _locked(lock_file: Path):
-    """An exclusive lock on `lock_file` (created if needed) for the duration of the block."""
-    with open(lock_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _replace_dir(target: Path, fill):

@@ -60,7 +60,7 @@ def load_model(name_or_path: str, device: torch.device | None = None, dtype: tor
         return _load_adapter(path, device, dtype, trust_remote_code, allow_pickle)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     source = str(path) if path.exists() else name_or_path
-    if offline and not path.exists() and not _in_hub_cache(name_or_path):
+    if offline and not path.exists() and not in_hub_cache(name_or_path):
         raise FileNotFoundError(f"could not load model {name_or_path!r}: not a local directory, not in the hub "
                                 "cache, and the hub is disabled (HF_HUB_OFFLINE=1); give a local path")
     try:
@@ -77,7 +77,7 @@ def load_model(name_or_path: str, device: torch.device | None = None, dtype: tor
     return model.to(device).eval(), tokenizer
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def in_hub_cache(repo_id: str) -> bool:
     """Whether a hub model's config is already in the local hub cache (usable offline)."""
     from huggingface_hub import try_to_load_from_cache
 

@@ -70,12 +70,13 @@ def _cells_section(grid) -> list:
                                           + "\n".join(rows))]
 
 
+REPORT_NOTEBOOKS = ("fidelity", "ablation", "statistics")  # gathered, in this order, into report.html
+
+
 def render_report(grid) -> Path:
     """Write `<study>/report.html`: a title, the statistics notebook's summary (cells tagged
     "summary"), a table of contents, the contamination check, the executed fidelity, ablation and
     statistics notebooks, and a link to every cell's executed notebook."""
-    from .grid import REPORT_NOTEBOOKS
-
     study = grid.study_dir
     executed = []
     for key in REPORT_NOTEBOOKS:

@@ -9,16 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from .fidelity import fidelity_table
+from .schema import RESULT_COLUMNS
 from .tasks import SCORERS
-
-# accuracy (and its interval) is the study's main scorer's, named in `scorer`; accuracy_<name> holds
-# each scorer's that the evaluation ran (evaluation.scorer and extra_scorers), empty otherwise. Cells
-# evaluated before the scorer was recorded in their metrics used the default, generate. `metric` names what
-# accuracy (and every gain computed from it) measures for the row's task: accuracy, or rougeL (ROUGE-L F1,
-# the instruction domain); cells evaluated before it was recorded measured accuracy.
-RESULT_COLUMNS = ["model", "kind", "student", "teacher", "method", "temperature", "noise", "teacher_kind", "seed",
-                  "task", "domain", "n", "scorer", "metric", "accuracy", "ci_low", "ci_high", "student_params", "teacher_params",
-                  "cell_id", *(f"accuracy_{s}" for s in SCORERS)]
 
 
 def _clean(value):

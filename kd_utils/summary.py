@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .stats import AVERAGE
+from .schema import AVERAGE
 
 # The paper's findings the summary is checked against (../shared/MISSION.md; arXiv 2505.15442).
 PAPER = {

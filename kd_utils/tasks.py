@@ -9,8 +9,8 @@ Prompt and scoring mirror the LLM-Adapters code the paper's authors evaluated wi
 - prompt: their `generate_prompt` with the 16-space source indentation of each line removed
   (see `PROMPT_NO_INPUT` / `PROMPT_WITH_INPUT`, which keep their "request. " trailing space);
 - number tasks: commas are deleted, the last match of ``-?\\d+\\.?\\d*`` is the answer, and it
-  is correct when ``abs(pred - float(label)) <= 0.001``. So "1,000" -> 1000, "$5" -> 5,
-  "5." -> 5, "-3" -> -3, and (deliberately, as theirs) "3/4" -> 4 and "10-3" -> -3;
+  is correct when ``abs(pred - float(label)) <= 0.001`` (`ANSWER_TOLERANCE`). So "1,000" -> 1000,
+  "$5" -> 5, "5." -> 5, "-3" -> -3, and (deliberately, as theirs) "3/4" -> 4 and "10-3" -> -3;
 - letter tasks (AQuA): the first character A-E anywhere in the output (their regex
   ``A|B|C|D|E``, case-sensitive, no word boundary: a capital "A"/"E" in a rationale counts);
 - choice tasks: the first occurrence of any of the task's option tokens (case-sensitive,
@@ -34,7 +34,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 DOMAINS = ("math", "commonsense", "instruction")
 ANSWER_KINDS = ("number", "letter", "choice", "text")
@@ -51,8 +51,15 @@ SCORERS = {
                     "'the correct answer is ': the trained format of an SFT'd model, not its knowledge",
 }
 
-# Generation budget per domain (LLM-Adapters: 256 new tokens for math, 32 for commonsense).
+# The generation budget (new tokens) of a domain's tasks: a `Task` without its own `max_new_tokens`
+# takes its domain's (LLM-Adapters: 256 for math, 32 for commonsense; 256 for instruction following).
+# `generation_budget` is how evaluation reads a task's budget; the params' `evaluation.max_new_tokens`
+# overrides it per domain.
 MAX_NEW_TOKENS = {"math": 256, "commonsense": 32, "instruction": 256}
+
+# A number answer is correct within this distance of the label (LLM-Adapters' evaluate.py); the
+# fidelity agreement of two number answers uses the same tolerance.
+ANSWER_TOLERANCE = 0.001
 
 # How a reference response states the label (the format of the LLM-Adapters outputs).
 ANSWER_FORMATS = {"number": "The answer is {}.", "letter": "The answer is ({}).",
@@ -74,7 +81,6 @@ PROMPT_WITH_INPUT = (
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _ANSWER_FORMAT_LINE = re.compile(r"Answer format: (\S+)\s*$")
-_MISS = 0.001
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -105,6 +111,7 @@ class Task:
     split, data files, and a named converter from `CONVERTERS`) is the fallback source when no
     local file exists; without a converter the hub records must already be LLM-Adapters items.
     `loglik` declares the log-likelihood scorers' continuations (None: generation scoring only).
+    `max_new_tokens` is the task's generation budget (None: its domain's, `MAX_NEW_TOKENS`).
     """
 
     name: str
@@ -121,10 +128,13 @@ class Task:
     data_home: str = "llm_adapters"
     test_file: str = "test.json"
     loglik: Continuations | None = None
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
             raise ValueError(f"task {self.name!r}: domain {self.domain!r} not in {DOMAINS}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.answer_kind not in ANSWER_KINDS:
             raise ValueError(f"task {self.name!r}: answer_kind {self.answer_kind!r} not in {ANSWER_KINDS}")
         if self.suite not in SUITES:
@@ -146,6 +156,8 @@ class Task:
                                  f"known: {sorted(PREPROCESSORS)}")
         if not self.local_dir:
             object.__setattr__(self, "local_dir", self.name)
+        if self.max_new_tokens is None:
+            object.__setattr__(self, "max_new_tokens", MAX_NEW_TOKENS[self.domain])
 
     @property
     def answer_format(self) -> str:
@@ -298,7 +310,7 @@ _ENTRIES = [
          hf_dataset="allenai/ai2_arc", hf_config="ARC-Challenge", hf_converter="multiple_choice", loglik=_ARC),
     Task("openbookqa", "commonsense", "choice", _tokens("answer", 5),
          hf_dataset="allenai/openbookqa", hf_config="main", hf_converter="multiple_choice", loglik=_OBQA),
-    # the micro world of the CPU study (kd_utils.microworld writes them)
+    # the micro world of the CPU study: the one list of its tasks (kd_utils.microworld's gen_<x> writes micro_<x>)
     *(Task(f"micro_{n}", "math", "number", suite="micro")
       for n in ("addsub", "singleeq", "multiarith", "svamp", "gsm", "aqua", "mawps")),
     Task("micro_boolq", "commonsense", "choice", _TF, suite="micro", loglik=_BOOLQ),
@@ -372,6 +384,17 @@ def resolve_tasks(names: str | Task | Iterable[str | Task]) -> list[Task]:
     if not out:
         raise ValueError("no task given")
     return list(out.values())
+
+
+def generation_budget(task: Task | str, max_new_tokens: int | Mapping[str, int] | None = None) -> int:
+    """How many new tokens `task` is decoded with: `max_new_tokens` as an int (every task), as a dict
+    per domain (an entry overrides the task's budget for its domain's tasks; a domain not named keeps
+    them), or None: the task's own `Task.max_new_tokens` (its domain's `MAX_NEW_TOKENS` unless it
+    declares one). The params' `evaluation.max_new_tokens` is such a dict."""
+    task = get_task(task)
+    if isinstance(max_new_tokens, Mapping):
+        return int(max_new_tokens.get(task.domain, task.max_new_tokens))
+    return int(max_new_tokens or task.max_new_tokens)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -571,9 +594,11 @@ def build_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def format_response(output: str) -> str:
-    """A training target: the reference output stripped, as evaluate.py strips generations."""
-    return output.strip()
+def training_pairs(items: Iterable[dict]) -> tuple[list[str], list[str]]:
+    """(prompts, target responses) of training items, as the study trains on them: `build_prompt` of
+    each item's instruction and input, and its reference output as it stands."""
+    items = list(items)
+    return [build_prompt(it["instruction"], it.get("input", "")) for it in items], [it["output"] for it in items]
 
 
 def format_answer(task: Task, label: str) -> str:
@@ -733,7 +758,7 @@ def is_correct(task: Task | str, text: str, label: str) -> bool:
     if pred is None:
         return False
     if task.answer_kind == "number":
-        return abs(float(pred) - _label_value(task, label)) <= _MISS
+        return abs(float(pred) - _label_value(task, label)) <= ANSWER_TOLERANCE
     return pred == str(label).strip()
 
 

@@ -46,13 +46,17 @@ class TrainResult:
     target_tokens: int = 0
 
 
+def summed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (float32) of a batch's logits [B, T, V] against its labels [B, T],
+    summed over the target tokens (the labels after the first position that are not -100)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
 def token_ce(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """Cross-entropy summed over target tokens (labels != -100), and their count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    return summed_ce(logits, batch["labels"]), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def use_autocast(setting: str, device: torch.device, n_params: int) -> bool:

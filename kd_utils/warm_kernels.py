@@ -63,7 +63,7 @@ def _preload() -> None:
     import kd_utils
 
     names = list(PRELOAD) + [f"kd_utils.{m.name}" for m in pkgutil.iter_modules(kd_utils.__path__)
-                             if m.name not in ("warm_kernels", "grid", "runner")]
+                             if m.name not in ("warm_kernels", "grid", "engine")]
     for name in names:
         try:
             importlib.import_module(name)

@@ -14,7 +14,7 @@ import torch
 from kd_utils.data import collate, epoch_batches, tokenize_pairs
 from kd_utils.microworld import generic_corpus, write_world
 from kd_utils.models import build_micro_model
-from kd_utils.tasks import build_prompt, format_response, load_items
+from kd_utils.tasks import load_items, training_pairs
 from kd_utils.tokenization import train_bpe_tokenizer
 from kd_utils.training import OptimSettings, cycle_steps, token_ce, train
 
@@ -65,12 +65,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def pairs(items: list[dict]) -> tuple[list[str], list[str]]:
-    """(prompts, training responses) of LLM-Adapters items, as the study builds them."""
-    return ([build_prompt(it["instruction"], it["input"]) for it in items],
-            [format_response(it["output"]) for it in items])
-
-
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """data_root (TASKS: 60 train / 20 test items each), a BPE tokenizer (vocab 512) trained on
@@ -79,7 +73,7 @@ def world(tmp_path_factory):
     write_world(root / "data", n_train=60, n_test=20, seed=0, tasks=TASKS)
     train_items = [it for t in TASKS for it in load_items(t, root / "data", "train")]
     test_items = [it for t in TASKS for it in load_items(t, root / "data", "test")]
-    prompts, responses = pairs(train_items)
+    prompts, responses = training_pairs(train_items)
     tok = train_bpe_tokenizer(generic_corpus(1000, 0) + prompts + responses, VOCAB, root / "tok")
     return SimpleNamespace(root=root, data_root=root / "data", tasks=TASKS, max_length=MAX_LENGTH, tok=tok,
                            tok_dir=root / "tok", vocab=len(tok), pad=tok.pad_token_id, eos=tok.eos_token_id,
@@ -104,7 +98,7 @@ def micro(world, tmp_path_factory):
     student = build_micro_model("micro-xs", w.vocab, seed=2, eos_token_id=w.eos, pad_token_id=pad)
     student.save_pretrained(root / "student")
     w.tok.save_pretrained(root / "student")
-    test_examples = tokenize_pairs(w.tok, *pairs(w.test_items), MAX_LENGTH)
+    test_examples = tokenize_pairs(w.tok, *training_pairs(w.test_items), MAX_LENGTH)
     heldout = [collate(test_examples[i: i + 40], pad) for i in range(0, len(test_examples), 40)]
     return SimpleNamespace(**vars(w), teacher=teacher, teacher_dir=root / "teacher",
                            student_dir=root / "student", heldout=heldout)

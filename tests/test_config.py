@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd_utils.config import DistillJob, EvalJob, StudyConfig, TrainingConfig, job_from_namespace, load_study
+from kd_utils.config import (CacheJob, DistillJob, EvalJob, ModelJob, PretrainJob, StudyConfig, TrainingConfig,
+                             job_from_namespace, load_study, notebook_parameter_names, validate_job)
 
 PARAMS = sorted((Path(__file__).resolve().parents[1] / "params").glob("*.yaml"))
 
@@ -284,6 +285,64 @@ def test_a_job_round_trips_through_json():
     assert again == job
 
 
+def test_a_parameter_that_is_not_a_field_is_an_error_naming_it_with_a_suggestion():
+    namespace = {"student": "s", "student_path": "/m/s", "training": TRAINING, "temprature": 2.0}
+    with pytest.raises(ValueError) as err:
+        job_from_namespace(DistillJob, namespace, "10_distill parameters",
+                           names=["student", "student_path", "training", "temprature", "cell_dir", "rerun"])
+    msg = str(err.value)
+    assert msg.startswith("invalid params in 10_distill parameters:")
+    assert "temprature: unknown parameter (did you mean 'temperature'?)" in msg
+    assert "cell_dir" not in msg.splitlines()[1] and "rerun:" not in msg  # the notebook's own names are fine
+
+
+def test_unknown_parameters_and_invalid_values_are_reported_together():
+    with pytest.raises(ValueError) as err:
+        job_from_namespace(ModelJob, {"model": "m", "keep": 3}, "02_model parameters", names=["model", "kepp", "rerun"])
+    msg = str(err.value)
+    assert "kepp: unknown parameter (did you mean 'keep'?)" in msg
+    assert "rerun: unknown parameter" in msg  # 02_model re-runs no cell: `rerun` is not its own
+    assert "exactly one of 'gguf'" in msg
+
+
+def test_the_parameters_a_kernel_ran_are_read_from_its_input_history():
+    """In a notebook the names come from `In`: papermill's injected cell ('# Parameters') and the
+    parameters cell (only `name = literal` lines); imports, other variables and scratch cells are not parameters."""
+    parameters_cell = 'student = "micro-s"\nstudent_path = "/m/s"\ntraining = {"steps": 5}'
+    scratch = "x = 5"
+    current = "import json\njob = job_from_namespace(DistillJob, globals(), 'nb')"
+    namespace = {"student": "micro-s", "student_path": "/m/s", "training": TRAINING, "json": json, "x": 5}
+    ok = ["", parameters_cell, '# Parameters\ncell_dir = "/tmp/c"\nstudy_dir = "/tmp/s"\n', scratch, current]
+    assert notebook_parameter_names({**namespace, "In": ok}, DistillJob) == {
+        "student", "student_path", "training", "cell_dir", "study_dir"}
+    assert job_from_namespace(DistillJob, {**namespace, "In": ok}, "nb").student == "micro-s"
+    injected = ["", parameters_cell, '# Parameters\nstudnet = "micro-xs"\ncell_dir = "/tmp/c"\n', current]
+    with pytest.raises(ValueError, match=r"studnet: unknown parameter \(did you mean 'student'\?\)"):
+        job_from_namespace(DistillJob, {**namespace, "In": injected}, "nb")
+    declared = ["", parameters_cell + "\nteacher_knd = 'sft'", current]
+    with pytest.raises(ValueError, match=r"teacher_knd: unknown parameter \(did you mean 'teacher_kind'\?\)"):
+        job_from_namespace(DistillJob, {**namespace, "In": declared}, "nb")
+    edited = declared[:2] + [parameters_cell, current]  # the parameters cell run again, fixed
+    assert job_from_namespace(DistillJob, {**namespace, "In": edited}, "nb").student == "micro-s"
+
+
+def test_pretrain_and_cache_jobs_validate_their_notebooks_parameters():
+    job = PretrainJob(model="m", micro="micro-s", world_dir="/w", pretrain={"lr": 1e-3}, steps=10)
+    assert job.params() == {"model": "m", "micro": "micro-s", "world_dir": "/w", "seed": 0, "steps": 10,
+                            "pretrain": {"lr": 1e-3, "batch_size": 32, "block": 64, "warmup_steps": 50}}
+    with pytest.raises(ValueError, match="did you mean 'micro-s'"):
+        validate_job(PretrainJob, {**job.params(), "micro": "micro-ss"}, "01_pretrain parameters")
+    with pytest.raises(ValueError, match=r"pretrain.steps: unknown key"):  # steps are the job's own
+        validate_job(PretrainJob, {**job.params(), "pretrain": {"steps": {"m": 3}}}, "01_pretrain parameters")
+    cache = CacheJob(teacher="t", teacher_path="/m/t", teacher_kind="sft", temperatures=[1.0, 2.0], training=TRAINING)
+    assert "memory" not in cache.params()  # the default budget keeps the cells' ids
+    assert validate_job(CacheJob, {**cache.params(), "memory": {"chunk_mb": 64}}, "nb").params()["memory"] == {
+        "chunk_mb": 64}
+    for bad in ({"temperatures": []}, {"temperatures": [0.0]}, {"teacher_kind": ""}, {"noise": -1.0}):
+        with pytest.raises(ValueError):
+            validate_job(CacheJob, {**cache.params(), **bad}, "05_teacher_cache parameters")
+
+
 # --- the project's params files -----------------------------------------------------------------
 
 @pytest.mark.skipif(not PARAMS, reason="no params/*.yaml in this checkout")
@@ -316,7 +375,7 @@ def test_micro_world_examples_fit_the_training_max_length(path, tmp_path):
     """With the study's own world and tokenizer, no training or test example is truncated."""
     from kd_utils.models import load_tokenizer
     from kd_utils.prepare import build_world
-    from kd_utils.tasks import build_prompt, format_response, resolve_tasks
+    from kd_utils.tasks import resolve_tasks, training_pairs
 
     cfg = load_study(path)
     build_world(cfg.world, tmp_path)
@@ -325,8 +384,8 @@ def test_micro_world_examples_fit_the_training_max_length(path, tmp_path):
     for task in resolve_tasks("micro"):
         for split in ("train", "test"):
             items = json.loads((tmp_path / "data" / task.name / f"{split}.json").read_text())
-            prompts = tok([build_prompt(i["instruction"], i["input"]) for i in items])["input_ids"]
-            responses = tok([format_response(i["output"]) for i in items], add_special_tokens=False)["input_ids"]
+            prompts, responses = training_pairs(items)
+            prompts, responses = tok(prompts)["input_ids"], tok(responses, add_special_tokens=False)["input_ids"]
             longest = max(len(p) + len(r) + 1 for p, r in zip(prompts, responses))  # + eos
             if longest > cfg.training.max_length:
                 too_long[f"{task.name}/{split}"] = longest

@@ -1,15 +1,17 @@
-"""One training run's decisions (kd_utils.distill): a cached teacher signal serves a run only when
-it reproduces the live teacher on a probe batch of that run's student and data."""
+"""One training run's decisions (kd_utils.distill, kd_utils.teachers.probe_cache): a cached teacher
+signal serves a run only when it reproduces the live teacher on a probe batch of that run's student
+and data."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kd_utils.cache_build import build_cache
+from kd_utils.cache_shards import open_cache
 from kd_utils.data import collate
-from kd_utils.distill import CACHE_MAX_LOSS_ERROR, CACHE_MIN_GRAD_COSINE, probe_cache
 from kd_utils.methods import KDSettings, LiveTeacher
 from kd_utils.models import build_micro_model
-from kd_utils.teacher_cache import CachedTeacher, build_cache, open_cache
+from kd_utils.teachers import CACHE_MAX_LOSS_ERROR, CACHE_MIN_GRAD_COSINE, CachedTeacher, probe_cache
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kd_utils.results import RESULT_COLUMNS
+from kd_utils.schema import RESULT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "params" / "micro_quick.yaml"

@@ -12,7 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from kd_utils import evaluation as E
-from kd_utils.tasks import GROUPS, TASKS, build_prompt, format_answer, item_options, load_items, loglik_requests
+from kd_utils.schema import TASK_SCORE_COLUMNS
+from kd_utils.tasks import (GROUPS, SCORERS, TASKS, build_prompt, format_answer, item_options, load_items,
+                            loglik_requests)
 
 SHARED = Path(os.environ.get("KD_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
 PAPER_DATA = SHARED / "data" / "llm_adapters"
@@ -215,7 +217,7 @@ def test_evaluate_writes_predictions_and_wilson_intervals(model, tokenizer, data
     out = tmp_path / "run"
     res = E.evaluate(model, tokenizer, ["micro_addsub", "micro_boolq"], data_root=data_root, out_dir=out,
                      limit=5, max_new_tokens=6, progress=False)
-    assert list(res.columns) == list(E.RESULT_COLUMNS)
+    assert list(res.columns) == list(TASK_SCORE_COLUMNS)
     assert list(res["task"]) == ["micro_addsub", "micro_boolq"] and list(res["n"]) == [5, 5]
     assert ((res["ci_low"] <= res["accuracy"]) & (res["accuracy"] <= res["ci_high"])).all()
     assert ((res["ci_low"] >= 0) & (res["ci_high"] <= 100) & (res["ci_high"] > res["ci_low"])).all()
@@ -232,7 +234,7 @@ def test_evaluate_writes_predictions_and_wilson_intervals(model, tokenizer, data
     assert list(first["output"]) == outputs
     assert preds.groupby("task")["correct"].sum().to_dict() == dict(zip(res["task"], res["correct"]))
     saved = (out / "accuracy.csv").read_text().splitlines()
-    assert saved[0] == ",".join(E.RESULT_COLUMNS) and len(saved) == 3
+    assert saved[0] == ",".join(TASK_SCORE_COLUMNS) and len(saved) == 3
 
 
 def _fake_generate(answer_of):
@@ -263,6 +265,29 @@ def test_a_model_that_outputs_the_gold_answer_scores_100(monkeypatch, data_root)
     assert list(res["accuracy"]) == [100.0] * 3 and list(res["n"]) == [7] * 3
     monkeypatch.setattr(E, "generate", _fake_generate(wrong))
     assert list(E.evaluate(None, None, tasks, data_root=data_root, progress=False)["accuracy"]) == [0.0] * 3
+
+
+def test_the_params_budget_overrides_named_domains_and_keeps_each_tasks_own(monkeypatch, data_root):
+    from kd_utils.config import EvalConfig
+
+    budgets = {}
+
+    def fake(model, tokenizer, prompts, max_new_tokens, desc, **kwargs):
+        budgets[desc] = max_new_tokens
+        return [""] * len(prompts)
+
+    monkeypatch.setattr(E, "generate", fake)
+    tasks = ["micro_addsub", "micro_boolq"]
+    for given, expected in (({}, [256, 32]), ({"math": 40}, [40, 32]), ({"math": 40, "commonsense": 8}, [40, 8])):
+        E.evaluate(None, None, tasks, data_root=data_root, max_new_tokens=EvalConfig(max_new_tokens=given).max_new_tokens,
+                   progress=False)
+        assert [budgets[t] for t in tasks] == expected == [TASKS[t].max_new_tokens if TASKS[t].domain not in given
+                                                           else given[TASKS[t].domain] for t in tasks]
+    assert EvalConfig().max_new_tokens == {}
+    with pytest.raises(ValueError, match="unknown domain 'maths'.*did you mean 'math'"):
+        EvalConfig(max_new_tokens={"maths": 40})
+    with pytest.raises(ValueError, match="at least 1"):
+        EvalConfig(max_new_tokens={"math": 0})
 
 
 @pytest.mark.skipif(not PAPER_DATA.is_dir(), reason=f"no shared test sets at {PAPER_DATA}")
@@ -343,3 +368,21 @@ def test_run_evaluation_adds_each_extra_scorer_beside_the_main_one(model, tokeni
     with pytest.raises(ValueError, match=r"scorer 'loglik' cannot score \['gsm8k'.*'AQuA'\]"):
         EvalConfig(scorer="loglik", tasks="paper")
     assert EvalConfig(scorer="loglik", tasks="paper_commonsense").scorer == "loglik"
+
+
+@pytest.mark.parametrize("scorer", list(SCORERS))
+def test_the_params_scorer_selects_each_scorer_of_the_registry(model, tokenizer, data_root, tmp_path, scorer):
+    from kd_utils.config import EvalConfig, EvalJob
+    from kd_utils.evaluate_run import run_evaluation
+
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    tasks = ["micro_boolq", "micro_arc"]
+    config = EvalConfig(tasks=tasks, batch_size=4, max_new_tokens={"commonsense": 4}, scorer=scorer)
+    job = EvalJob(model="m", model_path=str(tmp_path / "model"), kind="sft", student="m", evaluation=config,
+                  data_root=str(data_root))
+    table, metrics = run_evaluation(job, tmp_path / "cell", progress=False)
+    alone = E.evaluate(model, tokenizer, tasks, data_root=data_root, scorer=scorer, batch_size=4,
+                       max_new_tokens={"commonsense": 4}, progress=False)
+    assert metrics["scorer"] == scorer and set(alone["scorer"]) == {scorer}
+    assert list(table["accuracy"]) == list(alone["accuracy"]) and list(table["n"]) == [7, 7]

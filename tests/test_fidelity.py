@@ -9,6 +9,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from kd_utils import fidelity as fd
+from kd_utils.schema import FIDELITY_COLUMNS
 
 
 def _preds(task, extracted, correct=None, outputs=None, hashes=None):
@@ -65,7 +66,7 @@ def test_identical_outputs_give_bleu_100_and_different_less():
             "She walks 2 km each day for 5 days , which is 10 km in total . The answer is 10 ."]
     teacher = _preds("math", ["7", "10"], outputs=text)
     same = fd.rationale_similarity(teacher, teacher).iloc[0]
-    assert same["bleu"] == pytest.approx(100.0) and same["sentence_bleu"] == pytest.approx(100.0)
+    assert same["bleu"] == pytest.approx(100.0)
     assert same["chrf"] == pytest.approx(100.0) and same["n"] == 2
     other = _preds("math", ["7", "10"], outputs=["7", "I think it is 10 km"])
     assert fd.rationale_similarity(other, teacher).iloc[0]["bleu"] < 20
@@ -81,7 +82,7 @@ def test_fidelity_table_from_files(tmp_path):
     files = {"T": write("T", teacher), "s": write("s", _preds("math", ["1", "2", "0", "0"],
                                                                 outputs=["a b c d e"] * 4))}
     table = fd.fidelity_table(files, [("s", "T")])
-    assert list(table.columns) == fd.FIDELITY_COLUMNS
+    assert list(table.columns) == FIDELITY_COLUMNS
     row = table.iloc[0]
     assert (row["model"], row["teacher"], row["agreement"], row["n"]) == ("s", "T", 50.0, 4)
     assert row["bleu"] == pytest.approx(100.0)

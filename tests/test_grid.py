@@ -69,6 +69,10 @@ def test_reused_teacher_signals_are_cached_and_single_run_ones_run_live(tmp_path
     task and one seed, a single run (9,600 examples) costs less than a build (27,720)."""
     raw = yaml.safe_load((PARAMS / "micro.yaml").read_text())
     raw["world"]["n_train"], raw["seeds"] = 2000, [0]
+    # both pairs in the main grid, and gkd as an ablation on micro-m -> micro-xs (params/micro_full.yaml's shape)
+    raw["pairs"] = [["micro-m", "micro-xs"], ["micro-s", "micro-xs"]]
+    raw["ablations"] = [a for a in raw["ablations"] if a["name"] != "teacher_accuracy"] + [
+        {"name": "on_policy", "methods": ["gkd"], "pairs": [["micro-m", "micro-xs"]]}]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     g = expand(load_study(tmp_path / "p.yaml"), tmp_path / "study")
     caches = {c.id for c in g.cells if c.notebook == NB["cache"]}

@@ -13,13 +13,16 @@ import pytest
 import torch
 
 
-from kd_utils import stats
 from kd_utils.config import EvalConfig, EvalJob, load_study
 from kd_utils.evaluate_run import run_evaluation
 from kd_utils.evaluation import evaluate
 from kd_utils.fidelity import fidelity_table
+from kd_utils.gains import gain_table
+from kd_utils.hypotheses import all_hypotheses
 from kd_utils.microworld import write_world
+from kd_utils.prose import describe_hypotheses
 from kd_utils.results import collect_results, save_metrics
+from kd_utils.schema import AVERAGE
 from kd_utils.tasks import (DOMAIN_METRICS, GROUPS, TASKS, get_task, is_correct, item_score, load_items,
                             load_training_items, rouge_l)
 
@@ -214,16 +217,16 @@ def _mixed_results() -> pd.DataFrame:
 
 def test_statistics_run_per_domain_in_each_domains_metric():
     results = _mixed_results()
-    gains = stats.gain_table(results)
-    avg = gains[gains["task"] == stats.AVERAGE].groupby("domain")["gain"].mean()
+    gains = gain_table(results)
+    avg = gains[gains["task"] == AVERAGE].groupby("domain")["gain"].mean()
     assert set(avg.index) == {"math", "instruction"} and avg["math"] > avg["instruction"] > 0
     dolly = gains[(gains["task"] == "dolly")]
     assert (dolly["teacher_accuracy"] == 30.0).all() and (dolly["sft_accuracy"] < 25).all()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        table = stats.all_hypotheses(gains)
+        table = all_hypotheses(gains)
     assert {"math", "instruction"} <= set(table.loc[table["hypothesis"] == "H1", "domain"])
-    lines = stats.describe_hypotheses(table)
+    lines = describe_hypotheses(table)
     assert any(line.startswith("H1 (KD > SFT), instruction: mean gain +") and "rougeL points" in line for line in lines)
     assert any(line.startswith("H1 (KD > SFT), math: mean gain +") and "rougeL" not in line for line in lines)
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from kd_utils import chunking
-from kd_utils import teacher_cache as TC
+from kd_utils import cache_build, cache_shards, chunking
 from kd_utils.config import MemoryConfig
 from kd_utils.data import Example, collate
 from kd_utils.losses import kd_loss, sparse_kd_loss
@@ -120,12 +119,12 @@ def test_live_teacher_in_sub_batches_equals_one_forward(objective):
 
 
 def _cache(tmp_path, teacher, exs, vocab, name, chunk_mb, **kw):
-    return TC.open_cache(TC.build_cache(teacher, exs, tmp_path, name, k=8, temperatures=(1.0, 2.0), progress=False,
+    return cache_shards.open_cache(cache_build.build_cache(teacher, exs, tmp_path, name, k=8, temperatures=(1.0, 2.0), progress=False,
                                         chunk_mb=chunk_mb, **kw))
 
 
-def _same(a: TC.TeacherCache, b: TC.TeacherCache) -> None:
-    for name in (*TC._ROWS, "offsets", "index"):
+def _same(a: cache_shards.TeacherCache, b: cache_shards.TeacherCache) -> None:
+    for name in (*cache_shards.ROWS, "offsets", "index"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 

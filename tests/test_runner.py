@@ -1,4 +1,4 @@
-"""Tests of kd_utils.runner with the tiny notebook tests/notebooks/cell.ipynb (local executor)."""
+"""Tests of kd_utils.engine with the tiny notebook tests/notebooks/cell.ipynb (local executor)."""
 from __future__ import annotations
 
 import fcntl
@@ -16,8 +16,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-import kd_utils.runner as runner_module
-from kd_utils.runner import Cell, RunSummary, format_plan, plan, run
+from kd_utils import provenance
+from kd_utils.engine import schedule
+from kd_utils.engine.cells import Cell, RunSummary
+from kd_utils.engine.plan import format_plan, plan
+from kd_utils.engine.schedule import run
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(__file__).parent / "notebooks" / "cell.ipynb"
@@ -104,7 +107,7 @@ def test_a_cell_made_by_other_code_is_stale_in_the_plan_and_rerun_stale_redoes_o
     a, b = make("prep", "prep/a", 1, counter=str(counter)), make("prep", "prep/b", 2, counter=str(counter))
     quiet([a, b], study)
     recorded = json.loads((a.output_dir(study) / "provenance.json").read_text())
-    assert recorded == {"code": runner_module.provenance.code_version(NOTEBOOK)}
+    assert recorded == {"code": provenance.code_version(NOTEBOOK)}
     (a.output_dir(study) / "provenance.json").write_text(json.dumps({"code": "another"}))
     table = plan([a, b], study)
     assert dict(zip(table["name"], table["status"])) == {"prep/a": "stale", "prep/b": "done"}
@@ -139,6 +142,8 @@ def test_runs_selected_cells_in_dependency_order_then_has_nothing_to_do(tmp_path
     assert summary.ok and statuses(summary) == {"prep/a": "ran", "distill/b<-a": "ran", "other/c": "done"}
     assert counter.read_text().split() == ["3", "1", "2"]
     metrics = json.loads((a.output_dir(study) / "metrics.json").read_text())
+    kernel = {k: metrics.pop(k) for k in ("pid", "preloaded", "torch_threads")}  # tests/test_warm_kernels.py
+    assert kernel["preloaded"] and kernel["torch_threads"] == 1
     assert metrics == {"value": 1, "threads": "1", "omp": "1", "cwd": str(NOTEBOOK.parent), "python": sys.executable,
                        "transport": "ipc"}  # Unix sockets: no TCP port races between workers' kernels
     assert (a.output_dir(study) / "out.txt").read_text() == "1\n"
@@ -261,7 +266,7 @@ def test_a_cell_removes_its_own_leftovers_when_it_executes(tmp_path, monkeypatch
     for path in (*stale, foreign):
         path.mkdir(parents=True)
         (path / "partial.txt").write_text("killed\n")
-    monkeypatch.setattr(runner_module, "_tidy", lambda *args: None)  # as if every lock were still held
+    monkeypatch.setattr(schedule, "tidy", lambda *args: None)  # as if every lock were still held
     summary, _ = quiet([cell], study)
     assert statuses(summary) == {"rerun": "ran"}
     assert not any(path.exists() for path in stale)
@@ -294,7 +299,8 @@ def test_cells_locked_by_another_runner_are_skipped(tmp_path):
 
 RUNNER_SCRIPT = """
 import json, sys
-from kd_utils.runner import Cell, run
+from kd_utils.engine.cells import Cell
+from kd_utils.engine.schedule import run
 args = json.loads(sys.argv[1])
 cells = [Cell(**cell) for cell in args.pop("cells")]
 summary = run(cells, args.pop("study"), progress=False, **args)

@@ -1,4 +1,4 @@
-"""kd_utils.runner's SLURM executor against a real one-node cluster (tests/slurm_cluster.py).
+"""kd_utils.engine's SLURM executor against a real one-node cluster (tests/slurm_cluster.py).
 
 Skipped unless slurm-wlm and munge are installed (`.ci/install_slurm.sh`) and we are root.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import local_cluster, missing_requirements
 
-from kd_utils.runner import Cell, run
+from kd_utils.engine.cells import Cell
+from kd_utils.engine.schedule import run
 
 NOTEBOOK = Path(__file__).parent / "notebooks" / "cell.ipynb"
 

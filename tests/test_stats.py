@@ -1,4 +1,5 @@
-"""kd_utils.stats: gain table, hypothesis tests, corrections, the authors' published figures."""
+"""The statistics: gain table (gains), hypothesis tests and corrections (hypotheses), their sentences
+(prose), the mixed model, the authors' published figures (authors_tables)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,14 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from kd_utils import stats as st
+from kd_utils import authors_tables
+from kd_utils.authors_tables import load_kd_generalization
+from kd_utils.gains import gain_table
+from kd_utils.hypotheses import (adjust_pvalues, all_hypotheses, h1_kd_vs_sft, h2_teacher_expertise,
+                                 h2_teacher_performance, h3_student_size, method_differences)
+from kd_utils.mixed_model import mixed_model
+from kd_utils.prose import describe_hypotheses
+from kd_utils.schema import HYPOTHESIS_COLUMNS
 
 SHARED = Path(os.environ.get("KD_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 AUTHORS = SHARED / "reference" / "kd_generalization"
@@ -63,27 +71,27 @@ def results():
 
 # --------------------------------------------------------------------------- gain table
 def test_tau_aggregation_selects_rows(results):
-    g = st.gain_table(results, tau="max", average=False).set_index("task")
+    g = gain_table(results, tau="max", average=False).set_index("task")
     assert g.loc["t1", "accuracy"] == 55.0 and g.loc["t1", "tau_used"] == 2.0
     assert g.loc["t2", "accuracy"] == 70.0 and g.loc["t2", "tau_used"] == 5.0
     assert g.loc["t1", "gain"] == 15.0 and g.loc["t1", "teacher_accuracy"] == 80.0
-    mean = st.gain_table(results, tau="mean", average=False).set_index("task")
+    mean = gain_table(results, tau="mean", average=False).set_index("task")
     assert mean.loc["t1", "accuracy"] == pytest.approx(45.0)
     assert mean.loc["t1", "tau_used"] == "mean"
-    fixed = st.gain_table(results, tau=1.0, average=False)
+    fixed = gain_table(results, tau=1.0, average=False)
     assert fixed.set_index("task")["accuracy"].to_dict() == {"t1": 50.0, "t2": 62.0}
     assert fixed.attrs["tau"] == 1.0 and mean.attrs["tau"] == "mean"
 
 
 def test_average_rows_are_averaged_per_model_before_aggregation(results):
-    g = st.gain_table(results, tau="max").set_index("task")
+    g = gain_table(results, tau="max").set_index("task")
     # per-model averages: tau1 56, tau2 56.5, tau5 50 -> max 56.5 (not the mean of per-task maxima)
     assert g.loc["Average", "accuracy"] == pytest.approx(56.5)
     assert g.loc["Average", "tau_used"] == 2.0
     assert g.loc["Average", "sft_accuracy"] == pytest.approx(50.0)
     assert g.loc["Average", "teacher_accuracy"] == pytest.approx(85.0)
     with pytest.raises(ValueError, match="Average"):
-        st.gain_table(pd.concat([results, results.head(1).assign(task="Average")]))
+        gain_table(pd.concat([results, results.head(1).assign(task="Average")]))
 
 
 def test_each_domain_average_is_compared_with_the_same_domain_average():
@@ -94,7 +102,7 @@ def test_each_domain_average_is_compared_with_the_same_domain_average():
         rows += [_row("s", "sft", "s", task, sft, domain=domain),
                  _row("T", "sft", "T", task, teacher, student_params=4e6, domain=domain),
                  _kd("s", task, kd, 1.0, domain=domain)]
-    g = st.gain_table(pd.DataFrame(rows), tau="max")
+    g = gain_table(pd.DataFrame(rows), tau="max")
     avg = g[g["task"] == "Average"].set_index("domain")
     assert avg.loc["math", "sft_accuracy"] == pytest.approx(15.0) and avg.loc["math", "gain"] == pytest.approx(3.0)
     assert avg.loc["commonsense", "sft_accuracy"] == pytest.approx(50.0)
@@ -107,9 +115,9 @@ def test_fidelity_follows_the_chosen_temperature(results):
     kd = results[results["kind"] == "kd"]
     fid = kd[["model", "teacher", "task"]].assign(
         agreement=kd["temperature"].to_numpy() * 10, bleu=kd["temperature"].to_numpy())
-    g = st.gain_table(results, fid, tau="max", average=False).set_index("task")
+    g = gain_table(results, fid, tau="max", average=False).set_index("task")
     assert g.loc["t1", "agreement"] == 20.0 and g.loc["t2", "fidelity"] == 5.0
-    m = st.gain_table(results, fid, tau="mean", average=True).set_index("task")
+    m = gain_table(results, fid, tau="mean", average=True).set_index("task")
     assert m.loc["Average", "agreement"] == pytest.approx(80 / 3)
 
 
@@ -117,24 +125,24 @@ def test_sft_seed_fallback_warns():
     rows = [_row("s0", "sft", "s", "t1", 40.0, seed=0), _row("s2", "sft", "s", "t1", 50.0, seed=2),
             _row("T", "sft", "T", "t1", 90.0), _kd("s", "t1", 60.0, 1.0, seed=1)]
     with pytest.warns(UserWarning, match="averaged over seeds"):
-        g = st.gain_table(pd.DataFrame(rows), average=False)
+        g = gain_table(pd.DataFrame(rows), average=False)
     assert g["sft_accuracy"].iloc[0] == 45.0 and g["gain"].iloc[0] == 15.0
 
 
 def test_gain_table_rejects_bad_input(results):
     with pytest.raises(ValueError, match="tau aggregation"):
-        st.gain_table(results, tau="median")
+        gain_table(results, tau="median")
     with pytest.raises(ValueError, match="teacher_kind"):
-        st.gain_table(results.drop(columns="teacher_kind"))
+        gain_table(results.drop(columns="teacher_kind"))
     with pytest.raises(ValueError, match="duplicate"):
-        st.gain_table(pd.concat([results, results.tail(1)]))
+        gain_table(pd.concat([results, results.tail(1)]))
 
 
 # --------------------------------------------------------------------------- tests
 def test_h1_detects_a_known_positive_shift():
     rng = np.random.default_rng(0)
     values = rng.normal(3.0, 1.0, 12)
-    t = st.h1_kd_vs_sft(_gains(values))
+    t = h1_kd_vs_sft(_gains(values))
     tt = t[(t["test"] == "ttest") & (t["method"] == "all")].iloc[0]
     ref = sps.ttest_1samp(values, 0, alternative="greater")
     assert tt["statistic"] == pytest.approx(ref.statistic)
@@ -142,28 +150,28 @@ def test_h1_detects_a_known_positive_shift():
     assert tt["effect"] == pytest.approx(values.mean() / values.std(ddof=1))
     assert tt["ci_high"] == np.inf and tt["ci_low"] < values.mean()
     assert {"ttest", "wilcoxon"} == set(t["test"])
-    null = st.h1_kd_vs_sft(_gains(values - values.mean()))
+    null = h1_kd_vs_sft(_gains(values - values.mean()))
     assert (null["p_value"] > 0.3).all()
 
 
 def test_method_tests_skip_gains_without_variance():
     g = pd.concat([_gains(np.zeros(4)).assign(method=m) for m in ("fkl", "rkl")], ignore_index=True)
-    assert st.method_differences(g).empty
+    assert method_differences(g).empty
 
 
 def test_cohens_d_keeps_the_sign_of_a_loss():
     values = np.random.default_rng(1).normal(-3.0, 1.0, 12)
-    t = st.h1_kd_vs_sft(_gains(values))
+    t = h1_kd_vs_sft(_gains(values))
     tt = t[(t["test"] == "ttest") & (t["method"] == "all")].iloc[0]
     assert tt["effect"] == pytest.approx(values.mean() / values.std(ddof=1)) and tt["effect"] < 0
 
 
 def test_monotone_relation_gives_rho_minus_one():
     values = np.arange(10.0, 0.0, -1.0)
-    t = st.h3_student_size(_gains(values))
+    t = h3_student_size(_gains(values))
     row = t[t["method"] == "all"].iloc[0]
     assert row["statistic"] == pytest.approx(-1.0) and row["n"] == 10
-    assert st.h2_teacher_performance(_gains(values)).empty  # constant teacher accuracy
+    assert h2_teacher_performance(_gains(values)).empty  # constant teacher accuracy
 
 
 def test_method_differences_match_scipy():
@@ -173,7 +181,7 @@ def test_method_differences_match_scipy():
     values = np.array([shift[m] for m in methods]) + rng.normal(0, 1, 18)
     g = _gains(values, methods=methods)
     g["student"] = [f"s{i // 3}" for i in range(18)]  # 6 (teacher, student) subjects x 3 methods
-    t = st.method_differences(g)
+    t = method_differences(g)
     anova = t[t["test"] == "anova"].iloc[0]
     ref = sps.f_oneway(*(values[np.array(methods) == m] for m in "abc"))
     assert anova["statistic"] == pytest.approx(ref.statistic) and anova["n"] == 18
@@ -186,10 +194,10 @@ def test_method_differences_match_scipy():
 def test_teacher_expertise_paired_difference():
     g = _gains(np.zeros(5))
     base = g.assign(teacher_kind="base", accuracy=g["accuracy"] - [8, 9, 10, 11, 12])
-    t = st.h2_teacher_expertise(pd.concat([g, base]))
+    t = h2_teacher_expertise(pd.concat([g, base]))
     row = t[(t["test"] == "ttest") & (t["method"] == "all")].iloc[0]
     assert row["estimate"] == pytest.approx(10.0) and row["n"] == 5 and row["p_value"] < 0.01
-    assert st.h2_teacher_expertise(g).empty
+    assert h2_teacher_expertise(g).empty
 
 
 def test_adjust_pvalues_equals_statsmodels():
@@ -197,7 +205,7 @@ def test_adjust_pvalues_equals_statsmodels():
     table = pd.DataFrame(dict(hypothesis="H1", test="ttest", method="all", p_value=p,
                               task=list("abcde")))
     other = table.assign(method="fkl", p_value=p[::-1])
-    out = st.adjust_pvalues(pd.concat([table, other], ignore_index=True))
+    out = adjust_pvalues(pd.concat([table, other], ignore_index=True))
     for method, pv in (("all", p), ("fkl", p[::-1])):
         fam = out[out["method"] == method]
         assert np.allclose(fam["p_holm"], multipletests(pv, method="holm")[1])
@@ -208,16 +216,16 @@ def test_all_hypotheses_skips_absent_and_small_inputs():
     rng = np.random.default_rng(2)
     big = _gains(rng.normal(2, 1, 8), agreement=rng.uniform(0, 100, 8))
     small = _gains([1.0, 2.0], task="t2", agreement=[1.0, 2.0])
-    table = st.all_hypotheses(pd.concat([big, small], ignore_index=True))
-    assert list(table.columns) == st.TABLE_COLUMNS
+    table = all_hypotheses(pd.concat([big, small], ignore_index=True))
+    assert list(table.columns) == HYPOTHESIS_COLUMNS
     assert set(table["task"]) == {"t1"} and not table["statistic"].isna().any()
     assert "H4_agreement" in set(table["hypothesis"])
     assert not {"H5_fidelity", "H2_teacher_accuracy"} & set(table["hypothesis"])
-    lines = st.describe_hypotheses(table)
+    lines = describe_hypotheses(table)
     assert lines[0].startswith("H1 (KD > SFT), math: mean gain") and "t1" in lines[0]
     significant = (table["method"] == "all") & (table["p_holm"] < 0.05)
     assert set(table.loc[significant & (table["test"] == "ttest"), "hypothesis"]) == {"H1"}
-    short = st.describe_hypotheses(table, collapse=True)
+    short = describe_hypotheses(table, collapse=True)
     assert short[0] == lines[0], "a significant hypothesis keeps its sentence"
     assert short[-1].startswith("Not significant after Holm at 0.05: H3 (gain vs student size), math (p=")
     assert "; H4 (gain vs teacher-student agreement), math (p=" in short[-1]
@@ -232,12 +240,12 @@ def test_mixed_model_recovers_slope_and_warns_when_singular():
     gain = -2.0 * np.log(sizes) + np.array([task_effect[t] for t in tasks]) + rng.normal(0, 0.3, 24)
     g = _gains(gain, sizes=sizes, methods=["fkl", "rkl"] * 12).assign(
         task=tasks, teacher_accuracy=rng.uniform(60, 90, 24))
-    coef = st.mixed_model(g).set_index("term")
+    coef = mixed_model(g).set_index("term")
     assert coef.loc["log_student_params", "coef"] == pytest.approx(-2.0, abs=0.2)
     assert "task Var" in coef.index
     flat = g.assign(gain=-2.0 * np.log(sizes) + rng.normal(0, 1, 24))
     with pytest.warns(RuntimeWarning, match="singular"):
-        st.mixed_model(flat)
+        mixed_model(flat)
 
 
 def test_load_kd_generalization_parses_their_format(tmp_path):
@@ -250,7 +258,7 @@ def test_load_kd_generalization_parses_their_format(tmp_path):
     (tmp_path / "EM1.csv").write_text(
         "Teacher,Student,Pair,Method,gsm8k,AQuA\nQ-3B,Q-0.5B,Q-3B -> Q-0.5B,SFT,40,50\n"
         "Q-3B,Q-0.5B,Q-3B -> Q-0.5B,KD,60,70\n")
-    res, fid = st.load_kd_generalization([tmp_path / "main.csv", tmp_path / "EM1.csv"])
+    res, fid = load_kd_generalization([tmp_path / "main.csv", tmp_path / "EM1.csv"])
     kd = res[res["kind"] == "kd"]
     assert set(kd["teacher"]) == {"Q-3B"} and set(kd["method"]) == {"SeqKD", "RevKD"}
     assert set(kd["temperature"]) == {1.0, 2.0} and set(res["task"]) == {"gsm8k", "AQuA", "Average"}
@@ -263,7 +271,7 @@ def test_load_kd_generalization_parses_their_format(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("Teacher,Student,Method,gsm8k,Average\nQ-3B,Q-0.5B,student_XKD_temp_1.0,1,1\n")
     with pytest.raises(ValueError, match="student_XKD_temp_1.0"):
-        st.load_kd_generalization([bad])
+        load_kd_generalization([bad])
 
 
 # --------------------------------------------------------------------------- the authors' figures
@@ -272,9 +280,9 @@ needs_authors = pytest.mark.skipif(not AUTHORS.is_dir(), reason=f"no shared data
 
 @pytest.fixture(scope="module")
 def authors_table():
-    res, fid = st.load_kd_generalization([AUTHORS / f for f in AUTHOR_FILES])
-    gains = st.gain_table(res, fid, tau="max", average=False)
-    return gains, st.all_hypotheses(gains)
+    res, fid = load_kd_generalization([AUTHORS / f for f in AUTHOR_FILES])
+    gains = gain_table(res, fid, tau="max", average=False)
+    return gains, all_hypotheses(gains)
 
 
 def _get(table, hypothesis, task, test, method="all"):
@@ -309,7 +317,7 @@ def test_published_math_figures(authors_table):
 @needs_authors
 def test_reproduce_cli_writes_hypotheses(tmp_path, capsys):
     files = [str(AUTHORS / f) for f in AUTHOR_FILES]
-    assert st.main(["reproduce", "--kd-generalization", *files, "--out", str(tmp_path)]) == 0
+    assert authors_tables.main(["reproduce", "--kd-generalization", *files, "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "hypotheses.csv")
     assert {"hypothesis", "method", "task", "statistic", "p_value", "n"} <= set(table.columns)
     h1 = table.query("hypothesis == 'H1' and task == 'Average' and test == 'ttest' and method == 'all'")
@@ -334,7 +342,7 @@ def test_statistics_run_on_any_scorer_the_evaluation_ran():
     assert loglik["ci_low"].isna().all(), "the main scorer's interval is not the loglik accuracy's"
     assert scored_by(results, "generate")["ci_low"].tolist()[1] == 15.0
     with pytest.warns(UserWarning, match="no SFT row for teacher"):
-        gains = st.gain_table(loglik, tau=1.0)
+        gains = gain_table(loglik, tau=1.0)
     assert gains.loc[gains["task"] == "boolq", "gain"].item() == pytest.approx(10.0)
     with pytest.raises(ValueError, match="no model was scored by 'loglik'"):
         scored_by(results.assign(accuracy_loglik=None), "loglik")

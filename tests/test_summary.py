@@ -1,9 +1,11 @@
 """The report's summary findings, checked against numbers computed here from the raw table."""
 from __future__ import annotations
 
+import html
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,8 @@ from scipy import stats as sps
 
 from kd_utils import summary
 from kd_utils.config import load_study
-from kd_utils.stats import gain_table
+from kd_utils.gains import gain_table
+from kd_utils.report import render_report
 from kd_utils.tasks import SCORERS
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
@@ -121,9 +124,10 @@ def test_a_grid_without_ablations_omits_their_lines():
     assert keys == ["h1", "h3", "h2", "h5"]
 
 
-def test_the_statistics_notebook_opens_with_these_findings_on_a_recorded_table(tmp_path):
+def test_the_statistics_notebook_and_report_open_with_these_findings_on_a_recorded_table(tmp_path):
     """papermill runs 50_statistics and 40_ablation on a recorded results table (3 seeds); the
-    summary the statistics cell saves equals the numbers computed above from the raw table."""
+    summary the statistics cell saves equals the numbers computed above from the raw table, and the
+    rendered report opens with it."""
     from test_notebook_defaults import NOTEBOOKS, execute
 
     results, fidelity = study_tables()
@@ -149,6 +153,27 @@ def test_the_statistics_notebook_opens_with_these_findings_on_a_recorded_table(t
             **common)
     counts = json.loads((tmp_path / "ablation" / "metrics.json").read_text())
     assert counts["temperature"] == 2 * 4 * 3 and counts["noise"] == 2 * 4 * 3 and counts["teacher_kind"] == 2 * 4 * 3
+
+    # the report: these findings first, in the order computed here, before the table of contents
+    cells = [_Executed(stage, tmp_path / f"{stage}.ipynb", study) for stage in ("ablation", "statistics")]
+    grid = SimpleNamespace(study_dir=study, cfg=SimpleNamespace(study="recorded"), contamination=None, cells=cells,
+                           by_notebook=lambda key: [c for c in cells if c.stage == key])
+    page = render_report(grid).read_text()
+    top = page[page.index(">Summary<"):page.index(">Contents<")]
+    places = [top.index(html.escape(f.text, quote=False)) for f in expected]
+    assert places == sorted(places) and page.index(">Contents<") < page.index(">Statistics: which factors")
+
+
+class _Executed:
+    """A stand-in grid cell whose executed notebook is `notebook`."""
+
+    def __init__(self, stage: str, notebook: Path, study: Path) -> None:
+        self.stage, self.name, self.id = stage, stage, stage
+        (study / stage).mkdir(exist_ok=True)
+        (study / stage / "notebook.ipynb").write_text(notebook.read_text())
+
+    def output_dir(self, study: Path) -> Path:
+        return study / self.stage
 
 
 def test_a_collapsed_method_is_named_with_its_measured_answer_rate():

@@ -240,8 +240,31 @@ def test_prompt_is_the_llm_adapters_template_without_indentation():
     assert build_prompt("{braces} stay", "").endswith("### Instruction:\n{braces} stay\n\n### Response:\n")
 
 
-def test_format_response_strips_reference_whitespace():
-    assert T.format_response("\nA: 2 + 3 = 5. The answer is 5.\n") == "A: 2 + 3 = 5. The answer is 5."
+def test_training_pairs_are_the_prompt_and_the_reference_output_as_the_study_trains_on_them():
+    items = [{"instruction": "Add 2 and 3.", "input": "", "output": "\nA: 2 + 3 = 5. The answer is 5.\n"},
+             {"instruction": "Add.", "output": "5"}]
+    prompts, responses = T.training_pairs(iter(items))
+    assert prompts == [build_prompt("Add 2 and 3."), build_prompt("Add.")]
+    assert responses == ["\nA: 2 + 3 = 5. The answer is 5.\n", "5"]  # as distill loads them: not stripped
+
+
+# --- generation budgets ----------------------------------------------------------------------------------
+
+def test_each_task_carries_its_generation_budget_its_domains_unless_it_declares_one():
+    assert all(t.max_new_tokens == T.MAX_NEW_TOKENS[t.domain] for t in TASKS.values())
+    assert (TASKS["gsm8k"].max_new_tokens, TASKS["boolq"].max_new_tokens, TASKS["dolly"].max_new_tokens) == (256, 32, 256)
+    assert Task("custom", "math", "number", max_new_tokens=12).max_new_tokens == 12
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Task("custom", "math", "number", max_new_tokens=0)
+
+
+def test_generation_budget_an_int_for_all_a_dict_per_domain_or_the_tasks_own():
+    own = Task("custom", "math", "number", max_new_tokens=12)
+    assert T.generation_budget("gsm8k") == 256 and T.generation_budget("boolq", None) == 32
+    assert T.generation_budget(own) == 12 and T.generation_budget(own, 7) == 7
+    assert T.generation_budget("boolq", {"math": 40}) == 32  # a domain not named keeps the task's
+    assert T.generation_budget("boolq", {"math": 40, "commonsense": 8}) == 8
+    assert T.generation_budget(own, {"commonsense": 8}) == 12 and T.generation_budget(own, {"math": 3}) == 3
 
 
 # --- extraction unit cases -----------------------------------------------------------------------------

@@ -15,13 +15,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from kd_utils import evaluation
-from kd_utils import teacher_cache as TC
+from kd_utils import cache_build, cache_keys, cache_shards, evaluation, seqkd_store, teachers
 from kd_utils.data import IGNORE, collate, epoch_batches
 from kd_utils.losses import OBJECTIVES, sparse_kd_loss, tail_log_proposal
 from kd_utils.methods import KDSettings, LiveTeacher, kd_objective
 from kd_utils.models import build_micro_model
-from kd_utils.tasks import build_prompt, format_response
+from kd_utils.tasks import training_pairs
 from kd_utils.training import OptimSettings, cycle_steps, train
 
 TEMPS = (1.0, 2.0)
@@ -30,15 +29,14 @@ TEMPS = (1.0, 2.0)
 @pytest.fixture(scope="module")
 def setup(micro):
     """conftest's micro world and trained micro-s teacher, plus the training pairs' text."""
-    prompts = [build_prompt(it["instruction"], it["input"]) for it in micro.train_items]
-    responses = [format_response(it["output"]) for it in micro.train_items]
+    prompts, responses = training_pairs(micro.train_items)
     return SimpleNamespace(**vars(micro), prompts=prompts, responses=responses)
 
 
 def _build(s, out, k, temperatures=TEMPS, **kw):
-    key = TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, k, kw.get("noise", 0.0), kw.get("noise_seed", 0),
+    key = cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, k, kw.get("noise", 0.0), kw.get("noise_seed", 0),
                        samples=kw.get("samples", 16), sample_seed=kw.get("sample_seed", 0))
-    return TC.ensure_cache(s.teacher, s.examples, out, key, k=k, temperatures=temperatures, batch_size=32,
+    return cache_build.ensure_cache(s.teacher, s.examples, out, key, k=k, temperatures=temperatures, batch_size=32,
                            shard_examples=50, progress=False, **kw)
 
 
@@ -75,8 +73,8 @@ def student_logits(setup):
 # --------------------------------------------------------------------------- keys
 def test_key_changes_with_every_ingredient(setup, tmp_path):
     s = setup
-    base = TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.0, 0)
-    assert base == TC.cache_key(s.teacher_dir, s.tok, list(s.examples), s.max_length, 16, 0.0, 0)
+    base = cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.0, 0)
+    assert base == cache_keys.cache_key(s.teacher_dir, s.tok, list(s.examples), s.max_length, 16, 0.0, 0)
     assert len(base) == 16 and int(base, 16) >= 0
 
     moved = copy.deepcopy(s.teacher)
@@ -88,24 +86,24 @@ def test_key_changes_with_every_ingredient(setup, tmp_path):
     tok2 = copy.deepcopy(s.tok)
     tok2.add_tokens(["zzqx"])
     variants = {
-        "weights (dir)": TC.cache_key(tmp_path / "moved", s.tok, s.examples, s.max_length, 16),
-        "tokenizer": TC.cache_key(s.teacher_dir, tok2, s.examples, s.max_length, 16),
-        "one token": TC.cache_key(s.teacher_dir, s.tok, edited, s.max_length, 16),
-        "one example fewer": TC.cache_key(s.teacher_dir, s.tok, s.examples[:-1], s.max_length, 16),
-        "max_length": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length + 1, 16),
-        "k": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 17),
-        "noise": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.5),
-        "noise seed": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.5, 1),
-        "tail samples": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, samples=8),
-        "sample seed": TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, sample_seed=1),
+        "weights (dir)": cache_keys.cache_key(tmp_path / "moved", s.tok, s.examples, s.max_length, 16),
+        "tokenizer": cache_keys.cache_key(s.teacher_dir, tok2, s.examples, s.max_length, 16),
+        "one token": cache_keys.cache_key(s.teacher_dir, s.tok, edited, s.max_length, 16),
+        "one example fewer": cache_keys.cache_key(s.teacher_dir, s.tok, s.examples[:-1], s.max_length, 16),
+        "max_length": cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length + 1, 16),
+        "k": cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 17),
+        "noise": cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.5),
+        "noise seed": cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, 0.5, 1),
+        "tail samples": cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, samples=8),
+        "sample seed": cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, 16, sample_seed=1),
     }
     assert len(set(variants.values()) | {base}) == len(variants) + 1, variants
     # a module in memory: keyed by its tensors, any weight change -> a new key
-    mem = TC.cache_key(s.teacher, s.tok, s.examples, s.max_length, 16)
-    assert mem == TC.cache_key(copy.deepcopy(s.teacher), s.tok, s.examples, s.max_length, 16)
-    assert mem != TC.cache_key(moved, s.tok, s.examples, s.max_length, 16)
+    mem = cache_keys.cache_key(s.teacher, s.tok, s.examples, s.max_length, 16)
+    assert mem == cache_keys.cache_key(copy.deepcopy(s.teacher), s.tok, s.examples, s.max_length, 16)
+    assert mem != cache_keys.cache_key(moved, s.tok, s.examples, s.max_length, 16)
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        TC.cache_key(tmp_path, s.tok, s.examples, s.max_length, 16)
+        cache_keys.cache_key(tmp_path, s.tok, s.examples, s.max_length, 16)
 
 
 def test_a_hub_id_is_keyed_by_its_snapshot_files(setup, tmp_path, monkeypatch):
@@ -133,7 +131,7 @@ def test_a_hub_id_is_keyed_by_its_snapshot_files(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
 
     def key(teacher):
-        return TC.cache_key(teacher, s.tok, s.examples, s.max_length, 16)
+        return cache_keys.cache_key(teacher, s.tok, s.examples, s.max_length, 16)
 
     (repo / "refs" / "main").write_text("a" * 40)
     assert key("org/teacher") == key(s.teacher_dir)
@@ -160,7 +158,7 @@ def test_build_then_open_round_trips(setup, sampled):
         (torch.float16, torch.int16, (n_pos, 16))
     assert cache.nbytes / n_pos < 4 * 16 + 4 * 16 + 8 * 2 + 4  # head, samples, logz + tail per tau, offsets
 
-    again = TC.open_cache(cache.path)
+    again = cache_shards.open_cache(cache.path)
     for name in ("values", "ids", "logz", "tail", "sample_values", "sample_ids", "offsets", "index"):
         assert torch.equal(getattr(again, name), getattr(cache, name))
     assert again.forward_passes == 0
@@ -207,57 +205,57 @@ def test_a_damaged_shard_is_detected_and_rebuilt(setup, tmp_path, damage, caplog
     else:
         data[len(data) // 2] ^= 0x01
         shard.write_bytes(data)
-    with pytest.raises(TC.CorruptCacheError, match="shard-00001.safetensors"):
-        TC.open_cache(cache.path)
-    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+    with pytest.raises(cache_shards.CorruptCacheError, match="shard-00001.safetensors"):
+        cache_shards.open_cache(cache.path)
+    with caplog.at_level(logging.WARNING, logger="kd_utils.cache_build"):
         rebuilt = _build(setup, tmp_path, 16)
     assert "shard-00001.safetensors" in caplog.text and "rebuilding" in caplog.text
     assert rebuilt.forward_passes > 0
-    assert torch.equal(TC.open_cache(cache.path).values, cache.values)
+    assert torch.equal(cache_shards.open_cache(cache.path).values, cache.values)
 
 
 def test_a_bad_manifest_or_missing_manifest_is_rebuilt(setup, tmp_path, caplog):
     cache = _build(setup, tmp_path, 16)
     (cache.path / "manifest.json").write_text("{not json")
-    with pytest.raises(TC.CorruptCacheError, match="manifest"):
-        TC.open_cache(cache.path)
+    with pytest.raises(cache_shards.CorruptCacheError, match="manifest"):
+        cache_shards.open_cache(cache.path)
     (cache.path / "manifest.json").unlink()
     (cache.path / ".shard-00003.safetensors.tmp-1").write_bytes(b"partial")  # an interrupted build
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
-        TC.open_cache(cache.path)
-    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+        cache_shards.open_cache(cache.path)
+    with caplog.at_level(logging.WARNING, logger="kd_utils.cache_build"):
         rebuilt = _build(setup, tmp_path, 16)
     assert "interrupted" in caplog.text and rebuilt.forward_passes > 0
     assert not (cache.path / ".shard-00003.safetensors.tmp-1").exists()
     manifest = json.loads((cache.path / "manifest.json").read_text())
     manifest["shards"][0]["sha256"] = "0" * 64  # a manifest that disagrees with its shard
     (cache.path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TC.CorruptCacheError, match="shard-00000.safetensors fails its sha256"):
-        TC.open_cache(cache.path)
+    with pytest.raises(cache_shards.CorruptCacheError, match="shard-00000.safetensors fails its sha256"):
+        cache_shards.open_cache(cache.path)
     manifest = json.loads((cache.path / "manifest.json").read_text())
     manifest["shards"][0]["sha256"], manifest["k"] = rebuilt.manifest["shards"][0]["sha256"], 8
     (cache.path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TC.CorruptCacheError, match=r"shard-00000.safetensors contradicts the manifest: values"):
-        TC.open_cache(cache.path)
+    with pytest.raises(cache_shards.CorruptCacheError, match=r"shard-00000.safetensors contradicts the manifest: values"):
+        cache_shards.open_cache(cache.path)
 
 
 def test_a_missing_temperature_or_other_settings_rebuild(setup, tmp_path, caplog):
     first = _build(setup, tmp_path, 16, temperatures=(1.0,))
-    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+    with caplog.at_level(logging.WARNING, logger="kd_utils.cache_build"):
         second = _build(setup, tmp_path, 16, temperatures=(2.0,))
     assert "lacks temperatures [2.0]" in caplog.text
     assert second.temperatures == (1.0, 2.0) and second.forward_passes > 0
     torch.testing.assert_close(second.logz[:, 0], first.logz[:, 0])
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+    with caplog.at_level(logging.WARNING, logger="kd_utils.cache_build"):
         # the same key asked for other examples (a caller's bug): never served stale rows
         key = second.key
-        third = TC.ensure_cache(setup.teacher, setup.examples[:-1], tmp_path, key, k=16, temperatures=TEMPS,
+        third = cache_build.ensure_cache(setup.teacher, setup.examples[:-1], tmp_path, key, k=16, temperatures=TEMPS,
                                 batch_size=32, progress=False)
     assert "other examples" in caplog.text and third.manifest["n_examples"] == len(setup.examples) - 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
-        fourth = TC.ensure_cache(setup.teacher, setup.examples[:-1], tmp_path, key, k=16, temperatures=TEMPS,
+    with caplog.at_level(logging.WARNING, logger="kd_utils.cache_build"):
+        fourth = cache_build.ensure_cache(setup.teacher, setup.examples[:-1], tmp_path, key, k=16, temperatures=TEMPS,
                                  batch_size=32, progress=False, samples=4)
     assert "built with 16 tail samples (seed 0, uniform share 0.5); asked 4" in caplog.text
     assert fourth.samples == 4 and fourth.sample_ids.shape == (fourth.n_positions, 4)
@@ -266,11 +264,11 @@ def test_a_missing_temperature_or_other_settings_rebuild(setup, tmp_path, caplog
 def test_large_vocabularies_store_int32_ids_and_wide_teachers_are_sliced(setup, tmp_path):
     big = build_micro_model("micro-xs", 33_000, seed=2)
     examples = setup.examples[:3]
-    cache = TC.open_cache(TC.build_cache(big, examples, tmp_path, "big", k=8, vocab_size=32_800, progress=False))
+    cache = cache_shards.open_cache(cache_build.build_cache(big, examples, tmp_path, "big", k=8, vocab_size=32_800, progress=False))
     assert cache.ids.dtype == torch.int32 and cache.manifest["ids_dtype"] == "int32"
     assert int(cache.ids.max()) < 32_800
     with pytest.raises(ValueError, match="fewer than vocab_size"):
-        TC.build_cache(big, examples, tmp_path, "too-wide", vocab_size=40_000, progress=False)
+        cache_build.build_cache(big, examples, tmp_path, "too-wide", vocab_size=40_000, progress=False)
 
 
 # --------------------------------------------------------------------------- the signal vs the live teacher
@@ -280,7 +278,7 @@ def test_k_equal_to_vocab_equals_the_live_teacher(setup, caches, student_logits,
     logits, b, mask = student_logits
     settings = KDSettings(objective, temperature=tau)
     live = LiveTeacher(setup.teacher, setup.vocab).kd_sum(logits, b, mask, settings)
-    cached = TC.CachedTeacher(caches[setup.vocab], setup.vocab).kd_sum(logits, b, mask, settings)
+    cached = teachers.CachedTeacher(caches[setup.vocab], setup.vocab).kd_sum(logits, b, mask, settings)
     torch.testing.assert_close(cached, live, rtol=2e-5, atol=1e-4)
 
 
@@ -288,12 +286,12 @@ def test_a_padded_teacher_vocabulary_is_sliced(setup, tmp_path, student_logits):
     """Like Qwen2.5-7B's 152064 logits for a 151936-token tokenizer."""
     padded = copy.deepcopy(setup.teacher)
     padded.resize_token_embeddings(setup.vocab + 64, mean_resizing=False)
-    cache = TC.ensure_cache(padded, setup.examples, tmp_path, "padded", k=10**6, vocab_size=setup.vocab,
+    cache = cache_build.ensure_cache(padded, setup.examples, tmp_path, "padded", k=10**6, vocab_size=setup.vocab,
                             progress=False)
     assert cache.k == setup.vocab  # k >= vocab: the whole distribution
     logits, b, mask = student_logits
     settings = KDSettings("fkl")
-    torch.testing.assert_close(TC.CachedTeacher(cache, setup.vocab).kd_sum(logits, b, mask, settings),
+    torch.testing.assert_close(teachers.CachedTeacher(cache, setup.vocab).kd_sum(logits, b, mask, settings),
                                LiveTeacher(padded, setup.vocab).kd_sum(logits, b, mask, settings), rtol=2e-5, atol=1e-4)
 
 
@@ -308,7 +306,7 @@ def test_topk_loss_is_a_close_lower_bound(setup, caches, student_logits):
         for tau in TEMPS:
             settings = KDSettings(objective, temperature=tau)
             dense = float(live.kd_sum(logits, b, mask, settings))
-            sparse = [float(TC.CachedTeacher(caches[k], setup.vocab).kd_sum(logits, b, mask, settings))
+            sparse = [float(teachers.CachedTeacher(caches[k], setup.vocab).kd_sum(logits, b, mask, settings))
                       for k in (4, 16, 64)]
             errors[objective, tau] = [(v - dense) / dense for v in sparse]
             print(f"  {objective:5s} tau={tau}: " + "  ".join(f"k={k}: {e:+.2e}" for k, e in
@@ -329,7 +327,7 @@ def test_one_bucket_cache_is_the_old_bucket_loss(setup, caches, student_logits):
         s = KDSettings(objective, temperature=2.0)
         old = sparse_kd_loss(logits[mask], c.values[rows], c.ids[rows], c.logz[rows, 1], objective=objective,
                              temperature=2.0, reduction="sum", teacher_tail_logz=c.tail[rows, 1])
-        assert torch.equal(TC.CachedTeacher(c, setup.vocab).kd_sum(logits, b, mask, s), old)
+        assert torch.equal(teachers.CachedTeacher(c, setup.vocab).kd_sum(logits, b, mask, s), old)
 
 
 def test_sampled_tail_weights_match_the_draw(setup, sampled):
@@ -356,7 +354,7 @@ def test_sampled_cache_is_unbiased_against_the_live_teacher(setup, sampled, stud
         for tau in TEMPS:
             s = KDSettings(objective, temperature=tau)
             dense = float(live.kd_sum(logits, b, mask, s))
-            got = torch.tensor([float(TC.CachedTeacher(c, setup.vocab).kd_sum(logits, b, mask, s)) for c in seeded])
+            got = torch.tensor([float(teachers.CachedTeacher(c, setup.vocab).kd_sum(logits, b, mask, s)) for c in seeded])
             se = float(got.std()) / math.sqrt(len(got))
             print(f"  {objective:5s} tau={tau}: mean rel. error {(float(got.mean()) - dense) / dense:+.2e}, "
                   f"one cache's rel. std {float(got.std()) / dense:.2e}")
@@ -369,7 +367,7 @@ def test_samples_do_not_depend_on_batching(setup, sampled, tmp_path):
     perturbs that row's proposal and, rarely, a sampled token (2 of 56,736 here); a float64
     teacher, whose forward drift does not survive rounding to float32, gives the identical draw."""
     def build(teacher, name, batch_size, shard_examples):
-        return TC.open_cache(TC.build_cache(teacher, setup.examples, tmp_path, name, k=16, temperatures=TEMPS,
+        return cache_shards.open_cache(cache_build.build_cache(teacher, setup.examples, tmp_path, name, k=16, temperatures=TEMPS,
                                             batch_size=batch_size, shard_examples=shard_examples, progress=False))
 
     other = build(setup.teacher, "rebatched", 40, 7)
@@ -379,7 +377,7 @@ def test_samples_do_not_depend_on_batching(setup, sampled, tmp_path):
     exact = copy.deepcopy(setup.teacher).double()
     a, b = build(exact, "f64-a", 32, 50), build(exact, "f64-b", 40, 7)
     assert torch.equal(a.sample_ids, b.sample_ids) and torch.equal(a.sample_values, b.sample_values)
-    assert not torch.equal(TC.open_cache(TC.build_cache(setup.teacher, setup.examples[:20], tmp_path, "seed-1", k=16,
+    assert not torch.equal(cache_shards.open_cache(cache_build.build_cache(setup.teacher, setup.examples[:20], tmp_path, "seed-1", k=16,
                                                         temperatures=TEMPS, sample_seed=1, progress=False)).sample_ids,
                            sampled.sample_ids[: int(sampled.offsets[20])])
 
@@ -421,20 +419,20 @@ def test_bad_sample_tensors_are_detected_and_rebuilt(setup, tmp_path, damage, me
         return t
 
     _rewrite_shard(cache.path, "shard-00002.safetensors", edit)
-    with pytest.raises(TC.CorruptCacheError, match=message):
-        TC.open_cache(cache.path)
-    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
+    with pytest.raises(cache_shards.CorruptCacheError, match=message):
+        cache_shards.open_cache(cache.path)
+    with caplog.at_level(logging.WARNING, logger="kd_utils.cache_build"):
         assert _build(setup, tmp_path, 16).forward_passes > 0
     assert "shard-00002.safetensors" in caplog.text
-    assert torch.equal(TC.open_cache(cache.path).sample_ids, cache.sample_ids)
+    assert torch.equal(cache_shards.open_cache(cache.path).sample_ids, cache.sample_ids)
 
 
 def test_noise_is_one_fixed_draw_per_position(setup, tmp_path, caches):
     s, sigma = setup, 1.0
-    key = TC.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, s.vocab, sigma, 3)
-    noisy = TC.ensure_cache(s.teacher, s.examples, tmp_path, key, k=s.vocab, noise=sigma, noise_seed=3,
+    key = cache_keys.cache_key(s.teacher_dir, s.tok, s.examples, s.max_length, s.vocab, sigma, 3)
+    noisy = cache_build.ensure_cache(s.teacher, s.examples, tmp_path, key, k=s.vocab, noise=sigma, noise_seed=3,
                             batch_size=16, progress=False)
-    other_batching = TC.open_cache(TC.build_cache(s.teacher, s.examples, tmp_path, "rebatched", k=s.vocab,
+    other_batching = cache_shards.open_cache(cache_build.build_cache(s.teacher, s.examples, tmp_path, "rebatched", k=s.vocab,
                                                   noise=sigma, noise_seed=3, batch_size=40, shard_examples=7,
                                                   progress=False))
 
@@ -456,7 +454,7 @@ def test_noise_is_one_fixed_draw_per_position(setup, tmp_path, caches):
     b = collate([s.examples[5]], s.pad)
     mask = b["labels"][:, 1:] != IGNORE
     logits = torch.randn(*mask.shape, s.vocab)
-    teacher = TC.CachedTeacher(noisy, s.vocab)
+    teacher = teachers.CachedTeacher(noisy, s.vocab)
     assert torch.isfinite(teacher.kd_sum(logits, b, mask, KDSettings("fkl", noise=sigma)))
     with pytest.raises(ValueError, match="noise sigma=1.0.*sigma=0.0"):
         teacher.kd_sum(logits, b, mask, KDSettings("fkl"))
@@ -464,11 +462,11 @@ def test_noise_is_one_fixed_draw_per_position(setup, tmp_path, caches):
 
 def test_bad_requests_raise_clear_errors(setup, caches, student_logits, tmp_path):
     logits, b, mask = student_logits
-    teacher = TC.CachedTeacher(caches[16], setup.vocab)
+    teacher = teachers.CachedTeacher(caches[16], setup.vocab)
     with pytest.raises(ValueError, match=r"temperature 3.0.*\[1.0, 2.0\]"):
         teacher.kd_sum(logits, b, mask, KDSettings("fkl", temperature=3.0))
     with pytest.raises(ValueError, match="vocab_size"):
-        TC.CachedTeacher(caches[16], setup.vocab + 1)
+        teachers.CachedTeacher(caches[16], setup.vocab + 1)
     stranger = dict(b, index=b["index"].clone())
     stranger["index"][3] = 10_000
     with pytest.raises(KeyError, match="example index 10000"):
@@ -486,25 +484,25 @@ def test_bad_requests_raise_clear_errors(setup, caches, student_logits, tmp_path
 def test_cuda_build_and_gather(setup, caches, student_logits, tmp_path):
     """On CUDA the teacher runs under bf16 autocast: close to the fp32 CPU cache, not equal."""
     teacher = copy.deepcopy(setup.teacher).cuda()
-    cache = TC.ensure_cache(teacher, setup.examples, tmp_path, "cuda", k=setup.vocab, temperatures=TEMPS,
+    cache = cache_build.ensure_cache(teacher, setup.examples, tmp_path, "cuda", k=setup.vocab, temperatures=TEMPS,
                             progress=False)
-    noisy = TC.build_cache(teacher, setup.examples[:5], tmp_path, "cuda-noisy", k=16, noise=0.5, progress=False)
-    assert cache.manifest["device"] == "cuda" and TC.open_cache(noisy).manifest["noise"] == 0.5
+    noisy = cache_build.build_cache(teacher, setup.examples[:5], tmp_path, "cuda-noisy", k=16, noise=0.5, progress=False)
+    assert cache.manifest["device"] == "cuda" and cache_shards.open_cache(noisy).manifest["noise"] == 0.5
     logits, b, mask = student_logits
     gpu_batch = {k: v.cuda() for k, v in b.items()}
     settings = KDSettings("fkl", temperature=2.0)
-    on_gpu = TC.CachedTeacher(cache, setup.vocab).kd_sum(logits.cuda(), gpu_batch, mask.cuda(), settings)
-    on_cpu = TC.CachedTeacher(caches[setup.vocab], setup.vocab).kd_sum(logits, b, mask, settings)
+    on_gpu = teachers.CachedTeacher(cache, setup.vocab).kd_sum(logits.cuda(), gpu_batch, mask.cuda(), settings)
+    on_cpu = teachers.CachedTeacher(caches[setup.vocab], setup.vocab).kd_sum(logits, b, mask, settings)
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=2e-2, atol=0)
     # tail samples drawn on the GPU (its generator): tail tokens, and the same loss read on either device
-    sampled = TC.ensure_cache(teacher, setup.examples, tmp_path, "cuda-sampled", k=16, temperatures=TEMPS,
+    sampled = cache_build.ensure_cache(teacher, setup.examples, tmp_path, "cuda-sampled", k=16, temperatures=TEMPS,
                               progress=False)
     assert sampled.samples == 16
     assert not (sampled.sample_ids.long()[:, :, None] == sampled.ids.long()[:, None, :]).any()
     for objective in ("fkl", "rkl", "gjsd"):
         s = KDSettings(objective, temperature=2.0)
-        teacher_signal = TC.CachedTeacher(sampled, setup.vocab)
+        teacher_signal = teachers.CachedTeacher(sampled, setup.vocab)
         torch.testing.assert_close(teacher_signal.kd_sum(logits.cuda(), gpu_batch, mask.cuda(), s).cpu(),
                                    teacher_signal.kd_sum(logits, b, mask, s), rtol=1e-4, atol=1e-4)
 
@@ -513,7 +511,7 @@ def test_cuda_build_and_gather(setup, caches, student_logits, tmp_path):
 def test_training_a_student_through_the_cache(setup, sampled):
     s = setup
     settings = KDSettings("fkl", temperature=2.0)
-    objective = kd_objective(TC.CachedTeacher(sampled, s.vocab), settings, s.vocab)
+    objective = kd_objective(teachers.CachedTeacher(sampled, s.vocab), settings, s.vocab)
     student = build_micro_model("micro-xs", s.vocab, seed=4)
     b, _ = _batch(s, n=32, seed=1)
     loss, n = objective(student, b)
@@ -543,25 +541,25 @@ def test_teacher_for_picks_the_cache_and_the_live_teacher_only_for_student_sampl
         made.append(LiveTeacher(setup.teacher, setup.vocab))
         return made[-1]
 
-    assert isinstance(TC.teacher_for(KDSettings("rkl"), live, caches[16], messages.append), TC.CachedTeacher)
+    assert isinstance(teachers.teacher_for(KDSettings("rkl"), live, caches[16], messages.append), teachers.CachedTeacher)
     assert not made
-    gkd = TC.teacher_for(KDSettings("gkd"), live, caches[16], messages.append)
-    assert isinstance(gkd, TC.OnPolicyTeacher) and gkd.live is made[-1]
+    gkd = teachers.teacher_for(KDSettings("gkd"), live, caches[16], messages.append)
+    assert isinstance(gkd, teachers.OnPolicyTeacher) and gkd.live is made[-1]
     assert messages == ["gkd is on-policy: the live teacher scores its student samples, the cache its gold batches"]
-    assert TC.teacher_for(KDSettings("fkl"), live, None, messages.append) is made[-1]
+    assert teachers.teacher_for(KDSettings("fkl"), live, None, messages.append) is made[-1]
     with pytest.raises(ValueError, match="temperature 4.0"):
-        TC.teacher_for(KDSettings("fkl", temperature=4.0), live, caches[16], messages.append)
+        teachers.teacher_for(KDSettings("fkl", temperature=4.0), live, caches[16], messages.append)
     with pytest.raises(ValueError, match="temperature 4.0"):
-        TC.teacher_for(KDSettings("gkd", temperature=4.0), live, caches[16], messages.append)
+        teachers.teacher_for(KDSettings("gkd", temperature=4.0), live, caches[16], messages.append)
 
 
 def test_gkd_reads_gold_batches_from_the_cache_and_scores_student_samples_live(setup, caches, student_logits):
     s = setup
     student_logits, b, mask = student_logits
     settings = KDSettings("gkd")
-    cached = TC.CachedTeacher(caches[s.vocab], s.vocab)
+    cached = teachers.CachedTeacher(caches[s.vocab], s.vocab)
     live = LiveTeacher(s.teacher, s.vocab)
-    teacher = TC.OnPolicyTeacher(cached, live)
+    teacher = teachers.OnPolicyTeacher(cached, live)
     gold = teacher.kd_sum(student_logits, b, mask, settings)
     assert live.forward_passes == 0  # the gold batch came from the cache
     torch.testing.assert_close(gold, live.kd_sum(student_logits, b, mask, settings), rtol=2e-5, atol=1e-4)
@@ -590,18 +588,18 @@ def test_cached_generations_round_trip_and_rebuild(setup, tmp_path, monkeypatch,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluation, "generate", counting)
-    key = TC.generations_key(s.teacher_dir, s.tok, prompts, 12)
-    first = TC.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, max_new_tokens=12, batch_size=4)
+    key = cache_keys.generations_key(s.teacher_dir, s.tok, prompts, 12)
+    first = seqkd_store.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, max_new_tokens=12, batch_size=4)
     assert first == real(s.teacher, s.tok, prompts, max_new_tokens=12, progress=False) and calls == [5]
-    assert TC.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, 12) == first and calls == [5]
+    assert seqkd_store.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, 12) == first and calls == [5]
 
-    other = TC.generations_key(s.teacher_dir, s.tok, s.prompts[1:6], 12)
-    assert other not in (key, TC.generations_key(s.teacher_dir, s.tok, prompts, 13))
-    TC.cached_generations(s.teacher, s.tok, s.prompts[1:6], tmp_path, other, 12)
+    other = cache_keys.generations_key(s.teacher_dir, s.tok, s.prompts[1:6], 12)
+    assert other not in (key, cache_keys.generations_key(s.teacher_dir, s.tok, prompts, 13))
+    seqkd_store.cached_generations(s.teacher, s.tok, s.prompts[1:6], tmp_path, other, 12)
     assert calls == [5, 5]
 
     stored = tmp_path / key / "generations.json"
     stored.write_text(json.dumps(["forged"] * 5))
-    with caplog.at_level(logging.WARNING, logger="kd_utils.teacher_cache"):
-        assert TC.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, 12) == first
+    with caplog.at_level(logging.WARNING, logger="kd_utils.seqkd_store"):
+        assert seqkd_store.cached_generations(s.teacher, s.tok, prompts, tmp_path, key, 12) == first
     assert "regenerating" in caplog.text and calls == [5, 5, 5]

@@ -43,10 +43,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kd_utils import teacher_cache as TC  # noqa: E402
+from kd_utils import cache_build, teachers  # noqa: E402
 from kd_utils.data import IGNORE, collate, tokenize_pairs  # noqa: E402
 from kd_utils.losses import OBJECTIVES, TAIL_UNIFORM, kd_loss, sparse_kd_loss, tail_log_proposal  # noqa: E402
-from kd_utils.tasks import build_prompt, format_response  # noqa: E402
+from kd_utils.tasks import training_pairs  # noqa: E402
 
 DATA = Path("/work/shared/data/llm_adapters")
 TASKS, ITEMS, MAX_LENGTH, BATCH = ("ARC-Easy", "boolq"), 12, 128, 8
@@ -83,8 +83,7 @@ def pruned(model, keep: int):
 
 def examples(tok):
     items = [it for t in TASKS for it in json.loads((DATA / t / "train.json").read_text())[:ITEMS]]
-    ex = tokenize_pairs(tok, [build_prompt(it["instruction"], it["input"]) for it in items],
-                        [format_response(it["output"]) for it in items], max_length=MAX_LENGTH)
+    ex = tokenize_pairs(tok, *training_pairs(items), max_length=MAX_LENGTH)
     return [replace(e, loss_on_prompt=True) for e in ex]
 
 
@@ -109,7 +108,7 @@ def forward_all(teacher, student, ex, pad: int):
 
 
 def cached_signal(cache, batches, column: int) -> dict[str, torch.Tensor]:
-    teacher = TC.CachedTeacher(cache, cache.vocab_size)
+    teacher = teachers.CachedTeacher(cache, cache.vocab_size)
     parts = [teacher.signal(b, mask, column) for b, mask in batches]
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
@@ -243,7 +242,7 @@ def main() -> None:
         caches = {}
         for label, m in (("bucket", 0), ("sampled", M)):
             t1 = time.perf_counter()
-            caches[label] = TC.ensure_cache(teacher, ex, tmp, label, k=K, temperatures=TEMPS, samples=m,
+            caches[label] = cache_build.ensure_cache(teacher, ex, tmp, label, k=K, temperatures=TEMPS, samples=m,
                                             batch_size=BATCH, progress=False)
             builds[label] = time.perf_counter() - t1
     print(f"caches built in {builds}", flush=True)

@@ -79,7 +79,7 @@ def run_case(case: dict) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
-    from kd_utils import teacher_cache as TC
+    from kd_utils import cache_build, cache_shards, teachers
     from kd_utils.data import collate
     from kd_utils.methods import KDSettings, LiveTeacher, kd_objective
 
@@ -92,7 +92,7 @@ def run_case(case: dict) -> dict:
         out = Path(case["dir"])
 
         def build():
-            TC.build_cache(teacher, examples, out, case["key"], k=K, temperatures=TEMPS, samples=SAMPLES,
+            cache_build.build_cache(teacher, examples, out, case["key"], k=K, temperatures=TEMPS, samples=SAMPLES,
                            progress=False, chunk_mb=chunk_mb)
         if case["kind"] == "prepare":  # the cache a cached step reads
             build()
@@ -102,8 +102,8 @@ def run_case(case: dict) -> dict:
         batch = collate(examples, 0)
         settings = KDSettings("fkl", temperature=2.0)
         if case["kind"] == "cached step":
-            cache = TC.open_cache(Path(case["dir"]) / case["key"])
-            signal = TC.CachedTeacher(cache, vocab, chunk_mb=chunk_mb)
+            cache = cache_shards.open_cache(Path(case["dir"]) / case["key"])
+            signal = teachers.CachedTeacher(cache, vocab, chunk_mb=chunk_mb)
         else:
             signal = LiveTeacher(teacher, vocab, chunk_mb=chunk_mb)
         objective = kd_objective(signal, settings, vocab)

@@ -7,7 +7,7 @@ every KD run (fkl / rkl / gkd at tau 1 and 2, plus the base-teacher ablation).
 
 The cells are the grid's (`kd_utils.grid.expand`), executed here in a dependency order that
 evaluates each model right after it is trained; each cell calls the function its notebook calls
-(02_model: model_sources.prepare_model, 05_teacher_cache: distill.build_teacher_cache,
+(02_model: model_sources.prepare_model, 05_teacher_cache: teacher_cache.build_teacher_cache,
 10_distill: distill.run_distillation, 20_evaluate: evaluate_run.run_evaluation) and writes its
 metrics.json under the study folder as the grid does. The analysis cells (fidelity, ablation,
 statistics) are not run. After every cell `<out>/summary.json`, `<out>/summary.md` and
@@ -164,7 +164,8 @@ class Bench:
         import torch
 
         from kd_utils.config import DistillJob, EvalJob, ModelJob
-        from kd_utils.distill import build_teacher_cache, run_distillation
+        from kd_utils.distill import run_distillation
+        from kd_utils.teacher_cache import build_teacher_cache
         from kd_utils.evaluate_run import run_evaluation
         from kd_utils.model_sources import prepare_model
         from kd_utils.results import save_metrics

@@ -37,12 +37,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kd_utils import teacher_cache as TC  # noqa: E402
+from kd_utils import cache_build, cache_keys, cache_shards  # noqa: E402
 from kd_utils.data import IGNORE, collate, epoch_batches, tokenize_pairs  # noqa: E402
 from kd_utils.methods import KDSettings, LiveTeacher, kd_objective  # noqa: E402
 from kd_utils.microworld import GENERATORS, generic_corpus, write_world  # noqa: E402
 from kd_utils.models import build_micro_model, count_parameters  # noqa: E402
-from kd_utils.tasks import build_prompt, format_response, load_items  # noqa: E402
+from kd_utils.tasks import load_items, training_pairs  # noqa: E402
+from kd_utils.teachers import CachedTeacher  # noqa: E402
 from kd_utils.tokenization import train_bpe_tokenizer  # noqa: E402
 from kd_utils.training import OptimSettings, cycle_steps, token_ce, train  # noqa: E402
 
@@ -58,8 +59,7 @@ def prepare(work: Path, teacher_steps: int, n_train: int, load_teacher: bool = T
     if not (data / "micro_obqa" / "train.json").exists():
         write_world(data, n_train=n_train, n_test=1, seed=0)
     items = [it for t in GENERATORS for it in load_items(t, data, "train")]
-    prompts = [build_prompt(it["instruction"]) for it in items]
-    responses = [format_response(it["output"]) for it in items]
+    prompts, responses = training_pairs(items)
     if (work / "tok" / "tokenizer.json").exists():
         tok = AutoTokenizer.from_pretrained(work / "tok")
     else:
@@ -88,7 +88,7 @@ def batches(examples, pad: int, seed: int):
 def objective_for(variant: str, teacher, cache, settings: KDSettings):
     if variant == "sft":
         return token_ce
-    kd_teacher = TC.CachedTeacher(cache, VOCAB) if variant == "cached" else LiveTeacher(teacher, VOCAB)
+    kd_teacher = CachedTeacher(cache, VOCAB) if variant == "cached" else LiveTeacher(teacher, VOCAB)
     return kd_objective(kd_teacher, settings, VOCAB)
 
 
@@ -128,7 +128,7 @@ def interleaved_steps(examples, pad, teacher, cache, rounds: int, warmup: int) -
     loss (CE; cache gather + sparse KD; teacher forward + dense KD), backward, optimizer (clip,
     AdamW, zero_grad) -- the work of one `training.train` step. Medians over rounds after warm-up."""
     settings = KDSettings("fkl")
-    kd = {"cached": TC.CachedTeacher(cache, VOCAB), "live": LiveTeacher(teacher, VOCAB)}
+    kd = {"cached": CachedTeacher(cache, VOCAB), "live": LiveTeacher(teacher, VOCAB)}
     students = {v: build_micro_model(STUDENT, VOCAB, seed=0) for v in VARIANTS}
     opts = {v: torch.optim.AdamW(m.parameters(), lr=3e-3) for v, m in students.items()}
     phases = ("forward", "loss", "backward", "optimizer")
@@ -178,7 +178,7 @@ def rss_child(variant: str, work: Path, cache_path: str, steps: int) -> None:
     (psutil sampled every 2 ms), plus the process's lifetime peak (getrusage)."""
     torch.set_num_threads(1)
     tok, examples, teacher = prepare(work, 0, 0, load_teacher=variant == "live")
-    cache = TC.open_cache(cache_path) if variant == "cached" else None
+    cache = cache_shards.open_cache(cache_path) if variant == "cached" else None
     proc = psutil.Process()
     before = proc.memory_info().rss
     peak, done = [before], threading.Event()
@@ -209,7 +209,7 @@ def peak_memory(work: Path, cache_path: str, steps: int) -> dict:
 
 def grid(examples, pad, teacher, tok, work: Path, students: int, temps: list[float], steps: int, reps: int) -> dict:
     """N students x M temperatures: one cache build + cached runs, vs live-teacher runs."""
-    key = TC.cache_key(work / "teacher", tok, examples, MAX_LENGTH, K)
+    key = cache_keys.cache_key(work / "teacher", tok, examples, MAX_LENGTH, K)
     root = work / "grid_cache"
     walls = {"cached": [], "live": []}
     builds, passes = [], {}
@@ -218,10 +218,10 @@ def grid(examples, pad, teacher, tok, work: Path, students: int, temps: list[flo
             t0 = time.perf_counter()
             if v == "cached":
                 shutil.rmtree(root, ignore_errors=True)
-                cache = TC.ensure_cache(teacher, examples, root, key, k=K, temperatures=temps, progress=False)
+                cache = cache_build.ensure_cache(teacher, examples, root, key, k=K, temperatures=temps, progress=False)
                 builds.append(time.perf_counter() - t0)
                 passes[v] = cache.forward_passes
-                teachers = [TC.CachedTeacher(cache, VOCAB)]
+                teachers = [CachedTeacher(cache, VOCAB)]
             else:
                 teachers = [LiveTeacher(teacher, VOCAB)]
             for seed in range(students):
@@ -263,7 +263,7 @@ def fidelity(examples, pad, teacher, caches: dict, trained_steps: int) -> dict:
                 dense = float(live.kd_sum(logits, b, mask, s))
                 rows[f"{objective} tau={tau:g}"] = {
                     "dense_per_token": dense / int(mask.sum()),
-                    **{f"k={k}": (float(TC.CachedTeacher(c, VOCAB).kd_sum(logits, b, mask, s)) - dense) / dense
+                    **{f"k={k}": (float(CachedTeacher(c, VOCAB).kd_sum(logits, b, mask, s)) - dense) / dense
                        for k, c in caches.items()}}
         out["rel_error"][name] = rows
     return out
@@ -352,8 +352,8 @@ def main() -> None:
     pad, temps = tok.pad_token_id, [1.0, 2.0]
     caches = {}
     for k in (4, 16, 64):
-        key = TC.cache_key(work / "teacher", tok, examples, MAX_LENGTH, k)
-        caches[k] = TC.ensure_cache(teacher, examples, work / "caches", key, k=k, temperatures=temps, progress=False)
+        key = cache_keys.cache_key(work / "teacher", tok, examples, MAX_LENGTH, k)
+        caches[k] = cache_build.ensure_cache(teacher, examples, work / "caches", key, k=k, temperatures=temps, progress=False)
     cache = caches[K]
     n_pos = cache.n_positions
     result = {
@@ -363,13 +363,13 @@ def main() -> None:
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.python_version()}"},
         "cache": {"k": K, "temperatures": temps, "bytes": cache.nbytes, "bytes_per_token": cache.nbytes / n_pos},
     }
-    one_tau = TC.build_cache(teacher, examples, work / "caches", "one-tau", k=K, temperatures=(1.0,), progress=False)
-    result["cache"]["bytes_per_token_one_tau"] = TC.open_cache(one_tau).nbytes / n_pos
+    one_tau = cache_build.build_cache(teacher, examples, work / "caches", "one-tau", k=K, temperatures=(1.0,), progress=False)
+    result["cache"]["bytes_per_token_one_tau"] = cache_shards.open_cache(one_tau).nbytes / n_pos
     t0 = time.perf_counter()
-    TC.build_cache(teacher, examples, work / "caches", "timed", k=K, temperatures=temps, progress=False)
+    cache_build.build_cache(teacher, examples, work / "caches", "timed", k=K, temperatures=temps, progress=False)
     result["cache"]["build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    TC.open_cache(cache.path)
+    cache_shards.open_cache(cache.path)
     result["cache"]["open_verified_s"] = time.perf_counter() - t0
     print(json.dumps(result, indent=1), flush=True)
     result["interleaved"] = interleaved_steps(examples, pad, teacher, cache, args.rounds, args.warmup)
