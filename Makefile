@@ -33,7 +33,7 @@ quick: venv
 	$(BIN)/python -m kd_utils.grid run params/micro_quick.yaml
 
 test: venv
-	$(BIN)/python -m pytest -m "not slow" -q --timeout 900
+	$(BIN)/python -m pytest -m "not slow" -q --timeout 900 --durations=15
 
 test-all: venv
 	$(BIN)/python -m pytest -q --timeout 1800

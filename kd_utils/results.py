@@ -96,8 +96,10 @@ def collect_fidelity(study_dir: str | Path, write: bool = True) -> pd.DataFrame:
     teacher it is distilled from (the paper's SFT rows), from the saved predictions."""
     study = Path(study_dir)
     evals = {m["model"]: (d, m) for d, m in _cells(study, "evaluate")}
-    teacher_model = {}
-    for name, (_, m) in evals.items():
+    teacher_model = {}  # (model, kind) -> the evaluation of the model that taught: SFT'd at the study's first seed
+    resolved = study / "params.resolved.json"
+    first_seed = json.loads(resolved.read_text())["seeds"][0] if resolved.is_file() else None
+    for name, (_, m) in sorted(evals.items(), key=lambda e: (e[1][1]["seed"] != first_seed, e[1][1]["seed"])):
         if m["kind"] == "base":
             teacher_model[(m["student"], "base")] = name
         elif m["kind"] == "sft":

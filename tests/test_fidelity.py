@@ -123,3 +123,31 @@ def test_distribution_fidelity_of_a_model_with_itself():
     assert diff["n_tokens"] == sum(int(b["attention_mask"][:, 1:].sum()) for b in batches)
     with pytest.raises(ValueError, match="mask_key"):
         fd.distribution_fidelity(model, model, batches, mask_key="loss_mask")
+
+
+def test_the_teacher_is_its_sft_at_the_studys_first_seed_whatever_the_folder_order(tmp_path):
+    """A teacher trained once (at the study's first seed) also has SFT evaluations at the other seeds
+    as a student; fidelity compares its students with the one that taught them, not the one whose
+    cell folder sorts first."""
+    from kd_utils.results import collect_fidelity
+
+    study = tmp_path / "study"
+    (study / "evaluate").mkdir(parents=True)
+    (study / "params.resolved.json").write_text(json.dumps({"seeds": [0, 1, 2]}))
+
+    def cell(folder, model, kind, seed, answer, teacher=""):
+        d = study / "evaluate" / folder
+        d.mkdir()
+        d.joinpath("metrics.json").write_text(json.dumps(dict(
+            model=model, kind=kind, student="s" if kind == "sft" else "xs", teacher=teacher,
+            teacher_kind="sft" if teacher else "", seed=seed)))
+        rows = [dict(task="t", item_id=i, prompt_hash="h", output=f"so {answer}", extracted=answer, label="a",
+                     correct=answer == "a") for i in range(4)]
+        d.joinpath("predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    cell("a-first", "s/sft/s2", "sft", 2, "b")
+    cell("b", "s/sft/s1", "sft", 1, "b")
+    cell("z-last", "s/sft/s0", "sft", 0, "a")  # the teacher
+    cell("c", "kd/xs<-s/fkl/s0", "kd", 0, "a", teacher="s")
+    table = collect_fidelity(study, write=False)
+    assert table.set_index("model").loc["kd/xs<-s/fkl/s0", "agreement"] == 100.0
