@@ -30,6 +30,37 @@ def execute(notebook: Path, out: Path, **parameters) -> dict:
     return json.loads(out.read_text())
 
 
+# What each notebook writes to metrics.json as opened on the quick study (recorded 2026-11-30 on the
+# 2-core development machine; the quick study's 40-step models get no test item right, hence the zeros).
+# Counts are exact; losses carry 1% for float summation order on other CPUs.
+LOSS = dict(rel=1e-2)
+PINNED = {
+    "00_world": {"corpus_lines": 60000, "vocab_size": 1024, "task_tokens_max": 54,
+                 "task_tokens_mean": pytest.approx(32.9444, rel=1e-4),
+                 "tasks": {t: {"train": 2000, "test": 200} for t in (
+                     "micro_addsub", "micro_singleeq", "micro_multiarith", "micro_svamp", "micro_gsm", "micro_aqua",
+                     "micro_mawps", "micro_boolq", "micro_piqa", "micro_siqa", "micro_hellaswag", "micro_winogrande",
+                     "micro_arc", "micro_obqa")}},
+    "01_pretrain": {"model": "micro-xs", "params": 41248, "steps": 20, "tokens": 40320,
+                    "final_loss": pytest.approx(5.7610, **LOSS)},
+    "02_model": {"model": "smollm2", "source": "gguf", "params": 134515008,
+                 "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+    "05_teacher_cache": {"teacher": "micro-s", "k": 16, "examples": 2000, "target_tokens": 31575,
+                         "teacher_forward_passes": 0},
+    "10_distill": {"student": "micro-xs", "teacher": "micro-s", "method": "fkl", "steps": 40, "best_step": 40,
+                   "target_tokens": 10115, "student_params": 41248, "teacher_params": 131648,
+                   "teacher_forward_passes": 40, "best_val_loss": pytest.approx(3.9879, **LOSS)},
+    "20_evaluate": {"model": "kd/micro-xs<-micro-s/fkl/t2/n0/sft/s0", "params": 41248,
+                    "accuracy": {t: 0.0 for t in (
+                        "micro_addsub", "micro_singleeq", "micro_multiarith", "micro_svamp", "micro_gsm", "micro_aqua",
+                        "micro_mawps", "micro_boolq", "micro_piqa", "micro_siqa", "micro_hellaswag",
+                        "micro_winogrande", "micro_arc", "micro_obqa")}},
+    "30_fidelity": {"models": 5, "pairs": 4, "tau": "max", "scorer": "generate"},
+    "40_ablation": {"temperature": 0, "noise": 0, "teacher_kind": 0, "size_gap": 0},
+    "50_statistics": {"tests": 0},
+}
+
+
 @pytest.fixture(scope="module")
 def quick(quick_study) -> Path:
     return quick_study
@@ -51,7 +82,9 @@ def test_a_notebook_runs_with_its_defaults(notebook, quick, tmp_path):
     outputs = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
     assert not [o for o in outputs if o["output_type"] == "error"]
     if "cell_dir" in declared:
-        assert (tmp_path / "cell" / "metrics.json").is_file()
+        metrics = json.loads((tmp_path / "cell" / "metrics.json").read_text())
+        for key, value in PINNED[notebook.stem].items():
+            assert metrics[key] == value, (notebook.stem, key)
     else:  # 60_explore: its first table, one row per student and teacher
         assert "kd/micro-xs&lt;-micro-s/fkl/t2/n0/sft/s0" in "".join(outputs[0]["data"]["text/html"])
 
