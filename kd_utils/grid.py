@@ -152,14 +152,13 @@ def _steps(cfg: StudyConfig, model: str) -> float:
 def _eval_tokens(cfg: StudyConfig) -> float:
     """Tokens one model reads and writes in evaluation (prompt ~ half of max_length, plus the
     budget), counting test items from local files only (planning never downloads)."""
-    from .tasks import MAX_NEW_TOKENS, load_items, local_test_file, resolve_tasks
+    from .tasks import generation_budget, load_items, local_test_file, resolve_tasks
     total = 0.0
     for task in resolve_tasks(cfg.evaluation.tasks):
         local = local_test_file(task, cfg.evaluation.data_root)
         n = cfg.world.n_test if cfg.world else len(load_items(task, cfg.evaluation.data_root)) if local.is_file() else 1000
         n = min(n, cfg.evaluation.limit or n)
-        budget = cfg.evaluation.max_new_tokens.get(task.domain, MAX_NEW_TOKENS[task.domain])
-        total += n * (cfg.training.max_length / 2 + budget)
+        total += n * (cfg.training.max_length / 2 + generation_budget(task, cfg.evaluation.max_new_tokens))
     return total * len(cfg.evaluation.sample_seeds if cfg.evaluation.decoding == "sample" else [0])
 
 
