@@ -154,6 +154,8 @@ def serve(path: str) -> None:
                     pid = next(p for p, c in children.items() if c is conn)
                     if not conn.recv(1):
                         _kill(pid)
+                        os.waitpid(pid, 0)  # reaped here, so its closed connection leaves the select set
+                        children.pop(pid).close()
             _reap(children)
     finally:
         for pid in children:
@@ -224,7 +226,7 @@ def connect(argv: list[str]) -> int:
         if sig != signal.SIGKILL:
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
-    return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else 1
+    return os.waitstatus_to_exitcode(status)
 
 
 if __name__ == "__main__":
